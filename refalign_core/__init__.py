@@ -1,0 +1,13 @@
+"""RefAlign core: the Wan2.1 DiT with the reference tail, checkpoint I/O, VAE / umT5 loading, reference
+preprocessing and the R2V sampler. Imports nothing from ComfyUI."""
+
+from .checkpoint import load_dit, save_dit
+from .errors import RefAlignInputError
+from .pipeline import GenerationResult, RefAlignPipeline
+from .references import encode_references, fit_on_white, prepare_references
+from .sampler import SamplingCancelled, make_scheduler, sample_r2v, three_pass_guidance
+from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
+from .transformer_refalign import RefAlignTransformer3DModel, VideoOnlyCrossAttnProcessor
+from .vae import decode_latents, encode_video, load_vae, save_vae
+
+__version__ = "0.1.0"

@@ -1,0 +1,178 @@
+"""Command line: `python -m refalign_core {generate,encode-prompt,encode-references,demo} ...`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from .errors import RefAlignInputError
+from .pipeline import GENERATION_DEFAULTS, RefAlignPipeline
+from .safetensors_io import read_safetensors, write_safetensors
+from .sampler import SAMPLERS, UNCOND_REFERENCES
+from .text_encoder import WAN_NEGATIVE_PROMPT
+from .video_io import load_image, write_video
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+def _progress_callback(bar):
+    def callback(step, total, latents):
+        bar.update(1)
+    return callback
+
+
+def _load_pipeline(args) -> RefAlignPipeline:
+    kwargs = dict(compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
+                  device=args.device)
+    if args.bundle:
+        return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
+    if not args.dit:
+        raise RefAlignInputError("--dit (or --bundle) is required")
+    return RefAlignPipeline.from_files(args.dit, args.vae, args.text_encoder, **kwargs)
+
+
+def _add_model_args(p):
+    p.add_argument("--bundle", help="bundle folder (refalign_bundle.json), instead of --dit/--vae/--text-encoder")
+    p.add_argument("--dit", help="RefAlign / Wan2.1-T2V DiT .safetensors (original, ComfyUI or diffusers naming)")
+    p.add_argument("--vae", help="Wan2.1 VAE .safetensors")
+    p.add_argument("--text-encoder", help="folder with umT5 (config.json + safetensors) and its tokenizer")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--weight-dtype", choices=list(DTYPES), help="storage dtype of the DiT weights (default: compute)")
+
+
+def cmd_generate(args) -> None:
+    pipe = _load_pipeline(args)
+    options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
+                                             "sampler", "seed", "uncond_references") if getattr(args, k) is not None}
+    if args.frames is not None:
+        options["num_frames"] = args.frames
+    embeds = {}
+    if args.prompt_embeds:
+        tensors, _ = read_safetensors(args.prompt_embeds, "--prompt-embeds")
+        embeds = {"prompt_embeds": tensors["prompt_embeds"],
+                  "negative_prompt_embeds": tensors.get("negative_prompt_embeds")}
+    elif args.prompt is None:
+        raise RefAlignInputError("--prompt or --prompt-embeds is required")
+    if args.reference_latents:
+        tensors, _ = read_safetensors(args.reference_latents, "--reference-latents")
+        embeds["reference_latents"] = tensors["reference_latents"]
+    elif not args.ref:
+        raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
+    images = [load_image(p) for p in args.ref or []]
+    masks = [load_image(p).convert("L") for p in args.mask] if args.mask else None
+    steps = args.steps or pipe.defaults["steps"]
+    with tqdm(total=steps, desc="sampling", unit="step") as bar:
+        result = pipe(args.prompt, images or None, masks=masks, negative_prompt=args.negative_prompt,
+                      callback=_progress_callback(bar), decode=bool(args.out), **embeds, **options)
+    if args.save_latents:
+        write_safetensors({"latents": result.latents}, args.save_latents)
+        print(f"latents: {args.save_latents}")
+    if args.out:
+        if result.frames is None:
+            raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
+        fps = args.fps or pipe.defaults.get("fps", GENERATION_DEFAULTS["fps"])
+        print(f"video: {write_video(result.frames, args.out, fps=fps)}")
+
+
+def cmd_encode_prompt(args) -> None:
+    pipe = RefAlignPipeline(dit=None, text_encoder=_text_encoder_only(args))
+    prompt_embeds, negative = pipe.encode_prompt([args.prompt, args.negative_prompt or ""]).split(1)
+    write_safetensors({"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}, args.out)
+    print(f"prompt embeddings: {args.out}")
+
+
+def _text_encoder_only(args):
+    from .text_encoder import load_text_encoder
+    return load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
+
+
+def cmd_encode_references(args) -> None:
+    from .vae import load_vae
+    pipe = RefAlignPipeline(dit=None, vae=load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device))
+    masks = [load_image(p).convert("L") for p in args.mask] if args.mask else None
+    _, latents = pipe.prepare_references([load_image(p) for p in args.ref], args.width, args.height, masks)
+    write_safetensors({"reference_latents": latents}, args.out)
+    print(f"reference latents {tuple(latents.shape)}: {args.out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    with tqdm(desc="demo sampling", unit="step") as bar:
+        paths = run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, seed=args.seed,
+                         progress=lambda step, total, _: (setattr(bar, "total", total), bar.update(1)))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refalign_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="reference-to-video generation")
+    _add_model_args(g)
+    g.add_argument("--ref", action="append", help="reference image (repeat for 1-4 subjects)")
+    g.add_argument("--mask", action="append", help="mask per reference (white = subject), same order as --ref")
+    g.add_argument("--prompt")
+    g.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
+    g.add_argument("--prompt-embeds", help=".safetensors with prompt_embeds [+ negative_prompt_embeds]")
+    g.add_argument("--reference-latents", help=".safetensors with reference_latents [1,16,K,H/8,W/8]")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--frames", type=int, help="video length, 4n+1")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--shift", type=float)
+    g.add_argument("--image-scale", type=float, help="s_img (default 5.0)")
+    g.add_argument("--text-scale", type=float, help="s_txt (default 7.5)")
+    g.add_argument("--sampler", choices=SAMPLERS)
+    g.add_argument("--uncond-references", choices=UNCOND_REFERENCES)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fps", type=float)
+    g.add_argument("--out", help="video file (.mp4, .webp, .gif)")
+    g.add_argument("--save-latents", help="also write the latents to this .safetensors")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("encode-prompt", help="precompute prompt embeddings")
+    e.add_argument("--text-encoder", required=True)
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
+    e.add_argument("--out", required=True)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.set_defaults(func=cmd_encode_prompt)
+
+    r = sub.add_parser("encode-references", help="precompute reference latents")
+    r.add_argument("--vae", required=True)
+    r.add_argument("--ref", action="append", required=True)
+    r.add_argument("--mask", action="append")
+    r.add_argument("--width", type=int, default=832)
+    r.add_argument("--height", type=int, default=480)
+    r.add_argument("--out", required=True)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    r.set_defaults(func=cmd_encode_references)
+
+    d = sub.add_parser("demo", help="run the demo on the embedded default model")
+    d.add_argument("--out", default="refalign_demo")
+    d.add_argument("--bundle", help="use this bundle instead of the embedded one")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except RefAlignInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""DiT checkpoint I/O: original Wan2.1 naming (RefAlign release, Wan2.1-T2V), ComfyUI's `model.diffusion_model.`
+prefix, and diffusers naming. The config is inferred from tensor shapes; nothing is fetched from a hub."""
+
+import json
+import logging
+import math
+import os
+import re
+
+import torch
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+from .errors import RefAlignInputError
+from .safetensors_io import read_safetensors, write_safetensors
+from .transformer_refalign import RefAlignTransformer3DModel
+
+logger = logging.getLogger(__name__)
+
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+CONFIG_METADATA_KEY = "refalign.dit_config"
+HEAD_DIM = 128  # every released Wan2.1 DiT; used when a file carries no config metadata
+TRAINING_ONLY = re.compile(r"^blocks\.\d+\.input_mlp\.")  # official trainer's projectors
+
+_TOP_LEVEL_TO_ORIGINAL = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+    "patch_embedding": "patch_embedding",
+}
+_BLOCK_TO_ORIGINAL = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+    "norm2": "norm3",  # diffusers' norm2 is the affine norm before cross-attention, Wan's norm3
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    "scale_shift_table": "modulation",
+}
+
+
+def diffusers_to_original_key(key: str) -> str:
+    """diffusers `WanTransformer3DModel` key -> original Wan2.1 key (T2V key set)."""
+    match = re.match(r"^blocks\.(\d+)\.(.+?)(\.weight|\.bias)?$", key)
+    if match:
+        index, module, leaf = match.group(1), match.group(2), match.group(3) or ""
+        if module in _BLOCK_TO_ORIGINAL:
+            return f"blocks.{index}.{_BLOCK_TO_ORIGINAL[module]}{leaf}"
+    else:
+        module, _, leaf = key.rpartition(".") if key.endswith((".weight", ".bias")) else (key, "", "")
+        if module in _TOP_LEVEL_TO_ORIGINAL:
+            return _TOP_LEVEL_TO_ORIGINAL[module] + (f".{leaf}" if leaf else "")
+    raise KeyError(f"no original Wan2.1 name for diffusers key {key!r}")
+
+
+def _strip_prefix(state_dict: dict) -> dict:
+    for prefix in COMFY_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _is_diffusers_naming(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
+
+
+def _dequantize_scaled_fp8(state_dict: dict) -> dict:
+    """ComfyUI's `*_fp8_scaled` files store weight·(1/scale) in fp8 plus `*.scale_weight`; undo it in fp32."""
+    if "scaled_fp8" not in state_dict:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = state_dict.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value.float() * scale.float() if scale is not None else value
+    return out
+
+
+def _describe_unknown(keys, path) -> str:
+    sample = sorted(keys)[:6]
+    return f"{path} is not a Wan2.1 DiT checkpoint (no head.modulation / patch_embedding); first keys: {sample}"
+
+
+def to_original_naming(state_dict: dict, path="checkpoint") -> dict:
+    """Any supported naming -> original Wan2.1 naming, refusing I2V / VACE / non-Wan checkpoints."""
+    state_dict = _dequantize_scaled_fp8(_strip_prefix(dict(state_dict)))
+    keys = set(state_dict)
+    if _is_diffusers_naming(keys):
+        if any(k.startswith("vace_") for k in keys):
+            raise RefAlignInputError(f"{path} is a Wan VACE checkpoint; RefAlign needs a Wan2.1 T2V DiT")
+        if any("add_k_proj" in k or k.startswith("condition_embedder.image_embedder") for k in keys):
+            raise RefAlignInputError(f"{path} is a Wan I2V checkpoint; RefAlign needs a Wan2.1 T2V DiT")
+        try:
+            state_dict = {diffusers_to_original_key(k): v for k, v in state_dict.items()}
+        except KeyError as e:
+            raise RefAlignInputError(f"{path}: unexpected key in a diffusers-named Wan DiT: {e}") from e
+        keys = set(state_dict)
+    if any(k.startswith(("vace_blocks.", "vace_patch_embedding")) for k in keys):
+        raise RefAlignInputError(f"{path} is a Wan VACE checkpoint; RefAlign needs a Wan2.1 T2V DiT")
+    if "img_emb.proj.0.weight" in keys or any(".k_img." in k for k in keys):
+        raise RefAlignInputError(f"{path} is a Wan I2V checkpoint (img_emb / k_img keys); RefAlign needs a T2V DiT")
+    if "head.modulation" not in keys or "patch_embedding.weight" not in keys:
+        raise RefAlignInputError(_describe_unknown(keys, path))
+    dropped = sorted(k for k in keys if TRAINING_ONLY.match(k))
+    if dropped:
+        logger.info("%s: ignoring %d training-only projector tensors (input_mlp)", path, len(dropped))
+    return {k: v for k, v in state_dict.items() if not TRAINING_ONLY.match(k)}
+
+
+def infer_dit_config(shapes: dict[str, tuple], metadata: dict | None = None, path="checkpoint") -> dict:
+    """`WanTransformer3DModel` config from original-named tensor shapes (values may be meta tensors or sizes)."""
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
+    dim, in_channels, *patch = shapes["patch_embedding.weight"]
+    if in_channels != 16:
+        kind = {36: "an I2V / FLF2V", 48: "a Wan2.2 TI2V-5B"}.get(in_channels, f"an in_dim={in_channels}")
+        raise RefAlignInputError(f"{path} is {kind} DiT (patch_embedding in_dim {in_channels}); RefAlign needs 16")
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"^blocks\.(\d+)\.", k))}
+    if not layers or layers != set(range(max(layers) + 1)):
+        raise RefAlignInputError(f"{path}: transformer blocks are not numbered 0..N-1 (found {sorted(layers)[:8]}...)")
+    stored = json.loads((metadata or {}).get(CONFIG_METADATA_KEY, "{}"))
+    num_heads = stored.get("num_attention_heads")
+    if num_heads is None:
+        if dim % HEAD_DIM:
+            raise RefAlignInputError(
+                f"{path}: hidden size {dim} is not a multiple of {HEAD_DIM} and the file has no "
+                f"'{CONFIG_METADATA_KEY}' metadata saying how many attention heads it has"
+            )
+        num_heads = dim // HEAD_DIM
+    return {
+        "patch_size": tuple(patch),
+        "num_attention_heads": num_heads,
+        "attention_head_dim": dim // num_heads,
+        "in_channels": in_channels,
+        "out_channels": shapes["head.head.weight"][0] // math.prod(patch),
+        "text_dim": shapes["text_embedding.0.weight"][1],
+        "freq_dim": shapes["time_embedding.0.weight"][1],
+        "ffn_dim": shapes["blocks.0.ffn.0.weight"][0],
+        "num_layers": max(layers) + 1,
+        "cross_attn_norm": True,
+        "eps": stored.get("eps", 1e-6),
+    }
+
+
+def expected_original_shapes(config: dict) -> dict[str, tuple]:
+    """Original-named key -> shape for a config, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = RefAlignTransformer3DModel(**config)
+    return {diffusers_to_original_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_keys(state_dict: dict, expected: dict, path) -> None:
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {missing[:10]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:10]}")
+    if wrong:
+        problems.append(f"wrong shapes: {[(k, tuple(state_dict[k].shape), expected[k]) for k in wrong[:5]]}")
+    if problems:
+        raise RefAlignInputError(f"{path} does not match a Wan2.1 T2V DiT: " + "; ".join(problems))
+
+
+def _apply_layerwise_casting(model, weight_dtype, compute_dtype) -> None:
+    """Keep block/head weights in `weight_dtype` and upcast per layer at forward (diffusers' layerwise casting);
+    whatever that hook leaves out (embeddings, norms, modulation tables, proj_out) is cast to `compute_dtype`."""
+    model.enable_layerwise_casting(storage_dtype=weight_dtype, compute_dtype=compute_dtype)
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or registry.get_hook("layerwise_casting") is None:
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.to(compute_dtype)
+
+
+def dit_from_state_dict(state_dict: dict, metadata: dict | None = None, *, compute_dtype=torch.float32,
+                        weight_dtype=None, device="cpu", path="checkpoint") -> RefAlignTransformer3DModel:
+    """Build a `RefAlignTransformer3DModel` from a state dict in any supported naming."""
+    weight_dtype = weight_dtype or compute_dtype
+    original = to_original_naming(state_dict, path)
+    config = infer_dit_config(original, metadata, path)
+    _check_keys(original, expected_original_shapes(config), path)
+    converted = convert_wan_transformer_to_diffusers(original)
+    with torch.device("meta"):
+        model = RefAlignTransformer3DModel(**config)
+    converted = {k: v.to(device=device, dtype=weight_dtype) for k, v in converted.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    # non-persistent RoPE tables were created on the meta device: rebuild them for real
+    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], model.config.rope_max_seq_len)
+    model.rope.to(device)
+    if weight_dtype != compute_dtype:
+        _apply_layerwise_casting(model, weight_dtype, compute_dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_dit(path: str | os.PathLike, *, compute_dtype=torch.float32, weight_dtype=None,
+             device="cpu") -> RefAlignTransformer3DModel:
+    """Load a Wan2.1 T2V / RefAlign DiT from a .safetensors file, a sharded index, or a folder holding one.
+
+    weight_dtype: how weights are kept in memory (fp32/bf16/fp16/float8_e4m3fn); None = compute_dtype.
+    compute_dtype: the dtype the forward runs in (fp32 on CPU)."""
+    state_dict, metadata = read_safetensors(path, "DiT checkpoint")
+    return dit_from_state_dict(state_dict, metadata, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
+                               device=device, path=str(path))
+
+
+def dit_state_dict_original(model: RefAlignTransformer3DModel, dtype=None) -> dict[str, torch.Tensor]:
+    """The model's weights in original Wan2.1 naming (the release key set)."""
+    return {
+        diffusers_to_original_key(k): (v.to(dtype) if dtype is not None else v)
+        for k, v in model.state_dict().items()
+    }
+
+
+def save_dit(model: RefAlignTransformer3DModel, path: str | os.PathLike, dtype=None) -> None:
+    """Save in original Wan2.1 naming (loadable by ComfyUI's diffusion-model loader); heads/eps in metadata."""
+    config = {"num_attention_heads": model.config.num_attention_heads, "eps": model.config.eps}
+    write_safetensors(dit_state_dict_original(model, dtype), path, {CONFIG_METADATA_KEY: json.dumps(config)})

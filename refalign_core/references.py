@@ -1,0 +1,101 @@
+"""Reference preprocessing: aspect-fit onto a white W×H canvas (never centre-crop), optional mask -> white
+background, RGBA / grayscale handled; each reference VAE-encoded on its own as a 1-frame clip."""
+
+import numpy as np
+import torch
+import kornia
+
+from .errors import RefAlignInputError
+from .vae import encode_video
+
+
+def to_chw(image, name: str = "reference") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PIL image, numpy array or tensor (`[H,W,C]` as ComfyUI's IMAGE, or `[C,H,W]`), uint8 or float in [0,1]
+    -> (`[3,H,W]` float in [0,1], alpha `[H,W]` or None)."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
+        image = np.asarray(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"))
+    tensor = image if torch.is_tensor(image) else torch.from_numpy(np.array(image))
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    tensor = tensor.float()
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(-1)
+    if tensor.ndim != 3:
+        raise RefAlignInputError(f"{name}: expected one image [H,W,C] or [C,H,W], got shape {tuple(tensor.shape)}")
+    if tensor.shape[-1] in (1, 2, 3, 4) and tensor.shape[0] not in (1, 2, 3, 4):
+        tensor = tensor.permute(2, 0, 1)
+    elif tensor.shape[0] not in (1, 2, 3, 4):
+        raise RefAlignInputError(f"{name}: cannot find the channel axis (1-4 channels) in shape {tuple(tensor.shape)}")
+    alpha = None
+    if tensor.shape[0] in (2, 4):
+        tensor, alpha = tensor[:-1], tensor[-1]
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    if tensor.shape[1] < 2 or tensor.shape[2] < 2:
+        raise RefAlignInputError(f"{name}: image is too small ({tuple(tensor.shape[1:])})")
+    return tensor.clamp(0, 1), alpha
+
+
+def _mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return None
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def fit_on_white(image, width: int, height: int, mask=None, crop_to_mask: bool = True,
+                 name: str = "reference") -> torch.Tensor:
+    """One reference -> `[3, height, width]` in [0,1]: scaled to fit (aspect kept), centred on white.
+
+    mask `[H,W]` (1 = subject) or the image's alpha turns the background white; with `crop_to_mask` the image is
+    first cropped to the mask's bounding box, as in training."""
+    rgb, alpha = to_chw(image, name)
+    if mask is not None:
+        mask = (mask if torch.is_tensor(mask) else torch.from_numpy(np.array(mask))).float().squeeze()
+        if mask.max() > 1:
+            mask = mask / 255.0
+        if mask.shape != rgb.shape[1:]:
+            raise RefAlignInputError(f"{name} mask: shape {tuple(mask.shape)} must equal the image's {tuple(rgb.shape[1:])}")
+    elif alpha is not None:
+        mask = alpha
+    if mask is not None:
+        rgb = rgb * mask + (1 - mask)
+        box = _mask_bbox(mask) if crop_to_mask else None
+        if box is None and crop_to_mask:
+            raise RefAlignInputError(f"{name} mask is empty: nothing of the subject is left")
+        if box is not None:
+            rgb = rgb[:, box[0]:box[1], box[2]:box[3]]
+    h, w = rgb.shape[1:]
+    scale = min(width / w, height / h)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = kornia.geometry.transform.resize(rgb[None], (new_h, new_w), interpolation="bilinear",
+                                               antialias=True)[0].clamp(0, 1)
+    canvas = torch.ones(3, height, width)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[:, top:top + new_h, left:left + new_w] = resized
+    return canvas
+
+
+def prepare_references(images, width: int, height: int, masks=None, max_references: int | None = None) -> torch.Tensor:
+    """K references -> `[K, 3, height, width]` in [0,1], each fitted on white."""
+    images = list(images)
+    if not images:
+        raise RefAlignInputError("references: at least one reference image is needed")
+    if max_references is not None and len(images) > max_references:
+        raise RefAlignInputError(f"references: at most {max_references} are supported, got {len(images)}")
+    if width % 16 or height % 16:
+        raise RefAlignInputError(f"width and height must be multiples of 16, got {width}x{height}")
+    masks = list(masks) if masks is not None else [None] * len(images)
+    if len(masks) != len(images):
+        raise RefAlignInputError(f"references: {len(images)} images but {len(masks)} masks")
+    return torch.stack([
+        fit_on_white(img, width, height, m, name=f"reference {i + 1}") for i, (img, m) in enumerate(zip(images, masks))
+    ])
+
+
+def encode_references(vae, references: torch.Tensor) -> torch.Tensor:
+    """`[K, 3, H, W]` in [0,1] -> reference latents `[1, 16, K, H/8, W/8]`, each encoded alone as a 1-frame clip
+    (a batch of K one-frame clips, never one K-frame video: the VAE is causal in time)."""
+    clips = references.mul(2).sub(1).unsqueeze(2)  # [K, 3, 1, H, W]
+    latents = encode_video(vae, clips)  # [K, 16, 1, h, w]
+    return latents.squeeze(2).transpose(0, 1).unsqueeze(0).cpu().float()

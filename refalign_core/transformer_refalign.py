@@ -1,0 +1,146 @@
+"""RefAlign DiT: Wan2.1 `WanTransformer3DModel` with the reference tail.
+
+Reference latents `[B, C, K, H, W]` are appended after the video latents on the frame axis, patchified with the
+same `patch_embedding` and processed with shared weights. Compared with plain Wan2.1:
+
+* RoPE: reference k gets temporal position F + k (F = video latent frames); its spatial grid restarts at 0.
+* Modulation: reference tokens share the video's (noisy) timestep modulation.
+* Text cross-attention updates video tokens only (`VideoOnlyCrossAttnProcessor`).
+* Reference tokens are dropped before the head; the output is the velocity of the F video frames.
+
+There are no new parameters: a RefAlign checkpoint has exactly the Wan2.1 T2V key set.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.modeling_outputs import BaseOutput
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
+from diffusers.utils import apply_lora_scale
+
+
+class VideoOnlyCrossAttnProcessor(WanAttnProcessor):
+    """Wan cross-attention applied to the leading video tokens only.
+
+    `num_reference_tokens` trailing tokens get a zero update, so the block's residual leaves them unchanged. The
+    model sets it right before calling the block (inside the checkpointed function, so recomputation sees it too).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.num_reference_tokens = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        n_ref = self.num_reference_tokens
+        if n_ref == 0:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        video = super().__call__(attn, hidden_states[:, :-n_ref], encoder_hidden_states, attention_mask, rotary_emb)
+        return F.pad(video, (0, 0, 0, n_ref))
+
+
+@dataclass
+class RefAlignTransformerOutput(BaseOutput):
+    """`sample`: velocity for the video frames `[B, C_out, F, H, W]`.
+    `reference_features`: block index -> residual stream of the reference tokens after that block, `[B, K*T, dim]`
+    (T = tokens per reference), only for the blocks asked for."""
+
+    sample: torch.Tensor
+    reference_features: dict[int, torch.Tensor] | None = None
+
+
+def _run_block(block, num_reference_tokens, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb):
+    block.attn2.processor.num_reference_tokens = num_reference_tokens
+    return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+
+
+class RefAlignTransformer3DModel(WanTransformer3DModel):
+    """Wan2.1 T2V DiT that takes clean reference latents as extra trailing frames (see module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.image_dim is not None or self.config.added_kv_proj_dim is not None:
+            raise ValueError("RefAlign is a text-to-video DiT: image_dim / added_kv_proj_dim (I2V) are not supported")
+        for block in self.blocks:
+            block.attn2.set_processor(VideoOnlyCrossAttnProcessor())
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one latent frame of `height` x `width` latent pixels."""
+        _, p_h, p_w = self.config.patch_size
+        return (height // p_h) * (width // p_w)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        reference_latents: torch.Tensor | None = None,
+        reference_feature_blocks: Sequence[int] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> RefAlignTransformerOutput | tuple:
+        """
+        hidden_states: noisy video latents `[B, C, F, H, W]`.
+        timestep: `[B]` or scalar, in [0, 1000] (= 1000·sigma).
+        encoder_hidden_states: text embeddings `[B, L_text, text_dim]`.
+        reference_latents: clean reference latents `[B, C, K, H, W]` (K may be 0), or None.
+        reference_feature_blocks: block indices whose reference-token output to return (training).
+        """
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if reference_latents is not None and reference_latents.shape[2] > 0:
+            expected = (batch_size, hidden_states.shape[1], height, width)
+            got = (reference_latents.shape[0], reference_latents.shape[1], *reference_latents.shape[3:])
+            if reference_latents.ndim != 5 or got != expected:
+                raise ValueError(
+                    f"reference_latents must be [B, C, K, H, W] with (B, C, H, W) = {expected} like hidden_states, "
+                    f"got {tuple(reference_latents.shape)}"
+                )
+            num_references = reference_latents.shape[2]
+            hidden_states = torch.cat([hidden_states, reference_latents.to(hidden_states.dtype)], dim=2)
+        else:
+            num_references = 0
+        if num_references % p_t:
+            raise ValueError(f"the number of references ({num_references}) must be a multiple of patch_size[0]={p_t}")
+        post_patch_frames, post_patch_height, post_patch_width = num_frames // p_t, height // p_h, width // p_w
+        num_video_tokens = post_patch_frames * post_patch_height * post_patch_width
+        num_reference_tokens = (num_references // p_t) * post_patch_height * post_patch_width
+
+        # RoPE over F + K frames: reference k sits at temporal position F + k on the same (h, w) grid.
+        rotary_emb = self.rope(hidden_states)
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch_size)
+        if timestep.ndim != 1:
+            raise ValueError(f"timestep must be a scalar or [B], got shape {tuple(timestep.shape)}")
+        temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+
+        features = {} if reference_feature_blocks is not None else None
+        wanted = set(reference_feature_blocks or ())
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+        for index, block in enumerate(self.blocks):
+            run = partial(_run_block, block, num_reference_tokens)
+            args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+            hidden_states = self._gradient_checkpointing_func(run, *args) if checkpointing else run(*args)
+            if index in wanted:
+                features[index] = hidden_states[:, num_video_tokens:]
+
+        # The head is token-wise: running it on the video tokens only equals cropping its output.
+        hidden_states = hidden_states[:, :num_video_tokens]
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(
+            batch_size, post_patch_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
+        )
+        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+        if not return_dict:
+            return (output, features)
+        return RefAlignTransformerOutput(sample=output, reference_features=features)

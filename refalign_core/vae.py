@@ -1,0 +1,123 @@
+"""Wan2.1 VAE: diffusers `AutoencoderKLWan` from one local safetensors file (original Wan naming, ComfyUI's
+`wan_2.1_vae.safetensors`, or diffusers naming) with the shipped config. Latents are mean/std-normalised, as the
+DiT sees them."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+from .errors import RefAlignInputError
+from .safetensors_io import read_safetensors, write_safetensors
+
+WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"
+CONFIG_METADATA_KEY = "refalign.vae_config"
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+             "conv_shortcut": "shortcut"}
+_DECODER_ENTRIES_PER_UP_BLOCK = 4  # 3 residual blocks + 1 upsampler (num_res_blocks = 2, as diffusers converts)
+
+
+def _residual(name: str) -> str:
+    module, _, leaf = name.partition(".")
+    return f"{_RESIDUAL[module]}.{leaf}" if module in _RESIDUAL else name
+
+
+def vae_diffusers_to_original_key(key: str) -> str:
+    """diffusers `AutoencoderKLWan` key -> original Wan2.1 VAE key (inverse of diffusers' converter)."""
+    side, _, rest = key.partition(".")
+    if side in ("quant_conv", "post_quant_conv"):
+        return {"quant_conv": "conv1", "post_quant_conv": "conv2"}[side] + "." + rest
+    simple = {"conv_in.": "conv1.", "conv_out.": "head.2.", "norm_out.": "head.0.",
+              "mid_block.attentions.0.": "middle.1."}
+    for old, new in simple.items():
+        if rest.startswith(old):
+            return f"{side}.{new}{rest[len(old):]}"
+    if m := re.match(r"mid_block\.resnets\.(\d)\.(.+)", rest):
+        return f"{side}.middle.{2 * int(m.group(1))}.{_residual(m.group(2))}"
+    if m := re.match(r"down_blocks\.(\d+)\.(.+)", rest):
+        return f"{side}.downsamples.{m.group(1)}.{_residual(m.group(2))}"
+    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
+        index = _DECODER_ENTRIES_PER_UP_BLOCK * int(m.group(1)) + int(m.group(2))
+        return f"{side}.upsamples.{index}.{_residual(m.group(3))}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest):
+        index = _DECODER_ENTRIES_PER_UP_BLOCK * int(m.group(1)) + 3
+        return f"{side}.upsamples.{index}.{m.group(2)}"
+    raise KeyError(f"no original Wan VAE name for diffusers key {key!r}")
+
+
+def _vae_config(state_dict: dict, metadata: dict) -> dict:
+    config = json.loads(WAN21_VAE_CONFIG.read_text())
+    config.update(json.loads(metadata.get(CONFIG_METADATA_KEY, "{}")))
+    config["base_dim"] = state_dict["encoder.conv_in.weight"].shape[0]
+    config["z_dim"] = state_dict["quant_conv.weight"].shape[0] // 2
+    return config
+
+
+def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
+                        path="VAE") -> AutoencoderKLWan:
+    for prefix in VAE_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if "encoder.conv1.weight" in state_dict and "conv1.weight" in state_dict:
+        state_dict = convert_wan_vae_to_diffusers(state_dict)
+    elif "encoder.conv_in.weight" not in state_dict:
+        raise RefAlignInputError(
+            f"{path} is not a Wan VAE (no encoder.conv1 / encoder.conv_in); first keys: {sorted(state_dict)[:6]}"
+        )
+    config = _vae_config(state_dict, metadata or {})
+    if config["z_dim"] != len(config["latents_mean"]):
+        raise RefAlignInputError(
+            f"{path} has {config['z_dim']} latent channels; only the 16-channel Wan2.1 VAE is supported "
+            "(the 48-channel Wan2.2 VAE is not)"
+        )
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**config)
+    try:
+        vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RefAlignInputError(f"{path} does not match the Wan2.1 VAE layout: {e}") from e
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> AutoencoderKLWan:
+    """Load a Wan2.1 VAE from a local .safetensors file (any supported naming)."""
+    state_dict, metadata = read_safetensors(path, "VAE")
+    return vae_from_state_dict(state_dict, metadata, dtype=dtype, device=device, path=str(path))
+
+
+def save_vae(vae: AutoencoderKLWan, path: str | os.PathLike) -> None:
+    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata."""
+    defaults = json.loads(WAN21_VAE_CONFIG.read_text())
+    changed = {k: v for k, v in dict(vae.config).items() if k in defaults and v != defaults[k]}
+    tensors = {vae_diffusers_to_original_key(k): v for k, v in vae.state_dict().items()}
+    write_safetensors(tensors, path, {CONFIG_METADATA_KEY: json.dumps(changed)})
+
+
+def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor):
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
+    """video `[B, 3, T, H, W]` in [-1, 1] -> normalised latents `[B, 16, (T-1)/4+1, H/8, W/8]` (posterior mean)."""
+    param = next(vae.parameters())
+    mu = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+    mean, std = _latent_stats(vae, mu)
+    return (mu - mean) / std
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """normalised latents `[B, 16, T', h, w]` -> video `[B, 3, 4(T'-1)+1, 8h, 8w]` in [-1, 1]."""
+    param = next(vae.parameters())
+    latents = latents.to(param.device, param.dtype)
+    mean, std = _latent_stats(vae, latents)
+    return vae.decode(latents * std + mean).sample.clamp(-1, 1)

@@ -1,0 +1,129 @@
+import torch
+from diffusers import WanTransformer3DModel
+
+from refalign_core.tiny import TINY_DIT
+from refalign_core.transformer_refalign import VideoOnlyCrossAttnProcessor
+
+from helpers import video_inputs
+
+
+def plain_wan(dit):
+    plain = WanTransformer3DModel(**TINY_DIT).eval()
+    plain.load_state_dict(dit.state_dict())
+    return plain
+
+
+@torch.no_grad()
+def test_no_references_equals_plain_wan_bit_for_bit(dit):
+    x, t, text, _ = video_inputs(batch=2)
+    expected = plain_wan(dit)(x, t, text).sample
+    assert torch.equal(dit(x, t, text).sample, expected)
+    empty = torch.zeros(2, 16, 0, x.shape[3], x.shape[4])
+    assert torch.equal(dit(x, t, text, reference_latents=empty).sample, expected)
+
+
+@torch.no_grad()
+def test_references_keep_video_output_shape_and_change_it(dit):
+    x, t, text, refs = video_inputs()
+    for k in (1, 2):
+        out = dit(x, t, text, reference_latents=refs[:, :, :k]).sample
+        assert out.shape == x.shape
+    assert not torch.allclose(dit(x, t, text, reference_latents=refs).sample, dit(x, t, text).sample)
+
+
+@torch.no_grad()
+def test_without_cross_attention_output_equals_plain_wan_on_concatenated_frames(dit):
+    """With the cross-attention output projection zeroed, the reference branch is exactly plain Wan on F+K frames
+    cropped to F: same token order, RoPE, shared modulation."""
+    for block in dit.blocks:
+        block.attn2.to_out[0].weight.zero_()
+        block.attn2.to_out[0].bias.zero_()
+    x, t, text, refs = video_inputs()
+    ours = dit(x, t, text, reference_latents=refs).sample
+    plain = plain_wan(dit)(torch.cat([x, refs], dim=2), t, text).sample[:, :, : x.shape[2]]
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_block0_reference_features_ignore_text_but_video_depends_on_it(dit):
+    x, t, text, refs = video_inputs()
+    other_text = text + torch.randn_like(text)
+    captured = []
+    hook = dit.blocks[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    a = dit(x, t, text, reference_latents=refs, reference_feature_blocks=[0, 2])
+    b = dit(x, t, other_text, reference_latents=refs, reference_feature_blocks=[0, 2])
+    hook.remove()
+    assert set(a.reference_features) == {0, 2}
+    n_video = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+    assert a.reference_features[0].shape == (1, 2 * (x.shape[3] // 2) * (x.shape[4] // 2), TINY_DIT["attention_head_dim"] * 2)
+    assert torch.equal(a.reference_features[0], b.reference_features[0])
+    assert torch.equal(a.reference_features[0], captured[0][:, n_video:])
+    assert not torch.allclose(captured[0][:, :n_video], captured[1][:, :n_video])
+    # from block 1 on, self-attention mixes text-conditioned video tokens into the references
+    assert not torch.allclose(a.reference_features[2], b.reference_features[2])
+
+
+@torch.no_grad()
+def test_reference_rope_positions_continue_after_the_video(dit):
+    x, t, text, refs = video_inputs(frames=3, height=8, width=12)
+    captured = {}
+    hook = dit.blocks[0].register_forward_pre_hook(lambda m, args: captured.update(rope=args[3]))
+    dit(x, t, text, reference_latents=refs)
+    hook.remove()
+    cos = captured["rope"][0][0, :, 0]  # [L, head_dim]
+    rope = dit.rope
+    t_dim, h_dim = rope.t_dim, rope.h_dim
+    table_t = rope.freqs_cos[:, :t_dim].float()
+    table_h = rope.freqs_cos[:, t_dim : t_dim + h_dim].float()
+    positions_t = torch.cdist(cos[:, :t_dim].float(), table_t).argmin(dim=1)
+    positions_h = torch.cdist(cos[:, t_dim : t_dim + h_dim].float(), table_h).argmin(dim=1)
+    frames, hp, wp = 3, 4, 6
+    per_frame = hp * wp
+    assert cos.shape[0] == (frames + 2) * per_frame
+    ref_t = positions_t[frames * per_frame :].view(2, per_frame)
+    assert ref_t[0].eq(frames).all() and ref_t[1].eq(frames + 1).all()
+    ref_h = positions_h[frames * per_frame :].view(2, hp, wp)
+    assert torch.equal(ref_h[1, :, 0], torch.arange(hp))  # the spatial grid restarts at 0
+
+
+def test_cross_attention_processor_is_installed_and_skips_references(dit):
+    assert all(isinstance(b.attn2.processor, VideoOnlyCrossAttnProcessor) for b in dit.blocks)
+    x, t, text, refs = video_inputs()
+    updates = []
+    hook = dit.blocks[1].attn2.register_forward_hook(lambda m, a, out: updates.append(out))
+    with torch.no_grad():
+        dit(x, t, text, reference_latents=refs)
+    hook.remove()
+    n_video = x.shape[2] * 4 * 6
+    assert updates[0][:, n_video:].abs().max() == 0
+    assert updates[0][:, :n_video].abs().max() > 0
+
+
+def test_reference_features_carry_gradients_with_checkpointing(dit):
+    x, t, text, refs = video_inputs()
+
+    def grads(checkpointing):
+        dit.zero_grad()
+        if checkpointing:
+            dit.enable_gradient_checkpointing()
+        else:
+            dit.disable_gradient_checkpointing()
+        out = dit(x, t, text, reference_latents=refs, reference_feature_blocks=[0, 1])
+        loss = out.sample.square().mean() + sum(f.square().mean() for f in out.reference_features.values())
+        loss.backward()
+        return [p.grad.clone() for p in dit.parameters()]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(g.abs().sum() > 0 for g in plain[:3])
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_reference_shape_is_refused(dit):
+    x, t, text, refs = video_inputs()
+    try:
+        dit(x, t, text, reference_latents=refs[:, :, :, :4])
+    except ValueError as e:
+        assert "reference_latents" in str(e)
+    else:
+        raise AssertionError("a reference of another spatial size must be refused")
