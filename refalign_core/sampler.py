@@ -60,6 +60,11 @@ class _Pass:
     references: torch.Tensor
 
 
+def _pad_text(texts: list[torch.Tensor]) -> torch.Tensor:
+    length = max(t.shape[1] for t in texts)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts])
+
+
 def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, image_scale, text_scale, uncond_references):
     """The passes with a non-zero weight in v = (1−s_img)·u + (s_img−s_txt)·c_img + s_txt·c_txt."""
     if uncond_references == "zeros_per_reference":
@@ -68,17 +73,15 @@ def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, image_sc
         zero_refs = torch.zeros_like(reference_latents[:, :, :1])
     else:
         raise RefAlignInputError(f"uncond_references must be one of {UNCOND_REFERENCES}, got {uncond_references!r}")
+    # Zero-padded text tokens still enter cross-attention (as in Wan, which pads to 512), so both prompts get the
+    # same length whether the passes run batched or one by one.
+    prompt_embeds, negative_embeds = _pad_text([prompt_embeds, negative_embeds]).split(1)
     passes = [
         _Pass(1.0 - image_scale, negative_embeds, zero_refs),
         _Pass(image_scale - text_scale, negative_embeds, reference_latents),
         _Pass(text_scale, prompt_embeds, reference_latents),
     ]
     return [p for p in passes if p.weight != 0.0]
-
-
-def _pad_text(texts: list[torch.Tensor]) -> torch.Tensor:
-    length = max(t.shape[1] for t in texts)
-    return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts])
 
 
 class _Velocity:
@@ -95,7 +98,7 @@ class _Velocity:
         out = self.dit(
             latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
             timestep.to(self.device).expand(n),
-            _pad_text([p.text for p in group]).to(self.device, self.dtype),
+            torch.cat([p.text for p in group]).to(self.device, self.dtype),
             reference_latents=torch.cat([p.references for p in group]).to(self.device, self.dtype),
         ).sample
         return list(out.float().cpu().split(1))

@@ -1,0 +1,115 @@
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from refalign_core.__main__ import main
+from refalign_core.demo import build_random_bundle
+from refalign_core.pipeline import BUNDLE_FILE, RefAlignPipeline
+from refalign_core.video_io import read_video_frames
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_random_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture
+def ref_images(tmp_path):
+    paths = []
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        path = tmp_path / f"ref{i}.png"
+        Image.new("RGB", (40 + 20 * i, 30), color).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_bundle_loads_and_generates_frames(bundle):
+    pipe = RefAlignPipeline.from_bundle(bundle)
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    assert manifest["dit"] == "dit.safetensors" and pipe.vae is not None and pipe.text_encoder is not None
+    result = pipe("a red ball", [torch.rand(20, 30, 3)], num_frames=5, steps=2)
+    d = pipe.defaults
+    assert result.frames.shape == (5, d["height"], d["width"], 3)
+    assert result.references.shape == (1, 3, d["height"], d["width"])
+    assert 0 <= result.frames.min() and result.frames.max() <= 1
+
+
+def test_cli_generate_writes_a_playable_video(bundle, ref_images, tmp_path):
+    out = tmp_path / "video.mp4"
+    args = ["generate", "--dit", str(bundle / "dit.safetensors"), "--vae", str(bundle / "vae.safetensors"),
+            "--text-encoder", str(bundle / "text_encoder"), "--ref", ref_images[0], "--ref", ref_images[1],
+            "--prompt", "a red ball and a blue box", "--width", "48", "--height", "32", "--frames", "9",
+            "--steps", "2", "--out", str(out), "--save-latents", str(tmp_path / "lat.safetensors")]
+    assert main(args) == 0
+    frames = read_video_frames(out)
+    assert frames.shape == (9, 32, 48, 3)
+    assert (tmp_path / "lat.safetensors").is_file()
+
+
+def test_cli_generate_from_precomputed_embeddings_matches_direct_run(bundle, ref_images, tmp_path):
+    common = ["--width", "48", "--height", "32", "--frames", "5", "--steps", "2", "--seed", "5"]
+    assert main(["encode-prompt", "--text-encoder", str(bundle / "text_encoder"), "--prompt", "a red ball",
+                 "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert main(["encode-references", "--vae", str(bundle / "vae.safetensors"), "--ref", ref_images[0],
+                 "--width", "48", "--height", "32", "--out", str(tmp_path / "r.safetensors")]) == 0
+    assert main(["generate", "--dit", str(bundle / "dit.safetensors"), "--prompt-embeds", str(tmp_path / "p.safetensors"),
+                 "--reference-latents", str(tmp_path / "r.safetensors"), *common,
+                 "--save-latents", str(tmp_path / "a.safetensors")]) == 0
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "a red ball", "--ref", ref_images[0], *common,
+                 "--save-latents", str(tmp_path / "b.safetensors")]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "a.safetensors")["latents"], load_file(tmp_path / "b.safetensors")["latents"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_reports_bad_input_as_one_clear_error(bundle, ref_images, tmp_path, capsys):
+    code = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", ref_images[0], "--frames", "8",
+                 "--out", str(tmp_path / "v.mp4")])
+    assert code == 2
+    assert "4n+1" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
+    assert main(["generate", "--dit", str(tmp_path / "none.safetensors"), "--prompt", "x", "--ref", ref_images[0]]) == 2
+
+
+def test_demo_command_writes_its_outputs(tmp_path, bundle, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--bundle", str(bundle)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("demo.mp4", "demo.webp", "references.png"):
+        assert (tmp_path / name).stat().st_size > 0 and name in printed
+    assert read_video_frames(tmp_path / "demo.mp4").shape[0] == 17
+
+
+def test_core_imports_nothing_from_comfyui():
+    banned = {"comfy", "folder_paths", "nodes", "server", "comfy_api", "comfy_extras"}
+    for path in (ROOT / "refalign_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            assert not any(n.split(".")[0] in banned for n in names), (path, names)
+
+
+def test_pack_entry_point_and_registry_metadata():
+    import importlib.util
+    import tomllib
+    spec = importlib.util.spec_from_file_location("refalign_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as ComfyUI's loader does, so relative imports resolve
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name)
+    assert isinstance(module.NODE_CLASS_MAPPINGS, dict) and isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "comfyui" not in project["project"]["name"].lower()
+    assert project["project"]["urls"]["Repository"] and project["tool"]["comfy"]["PublisherId"]
+    requirements = (ROOT / "requirements.txt").read_text().split()
+    assert requirements == project["project"]["dependencies"]
+    assert not any(r.startswith("torch") for r in requirements)
