@@ -26,7 +26,7 @@ def _progress_callback(bar):
 
 def _load_pipeline(args) -> RefAlignPipeline:
     kwargs = dict(compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
-                  device=args.device)
+                  device=args.device, vae_tiling=args.vae_tiling)
     if args.bundle:
         return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
     if not args.dit:
@@ -42,6 +42,7 @@ def _add_model_args(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--weight-dtype", choices=list(DTYPES), help="storage dtype of the DiT weights (default: compute)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to bound VAE memory")
 
 
 def cmd_generate(args) -> None:

@@ -36,10 +36,14 @@ class RefAlignPipeline:
 
     @classmethod
     def from_files(cls, dit, vae=None, text_encoder=None, *, compute_dtype=torch.float32, weight_dtype=None,
-                   device="cpu", defaults=None) -> "RefAlignPipeline":
+                   device="cpu", vae_tiling=False, defaults=None) -> "RefAlignPipeline":
+        """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory."""
+        vae_model = load_vae(vae, dtype=compute_dtype, device=device) if vae else None
+        if vae_model is not None and vae_tiling:
+            vae_model.enable_tiling()
         return cls(
             dit=load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device),
-            vae=load_vae(vae, dtype=compute_dtype, device=device) if vae else None,
+            vae=vae_model,
             text_encoder=load_text_encoder(text_encoder, dtype=compute_dtype, device=device) if text_encoder else None,
             defaults={**GENERATION_DEFAULTS, **(defaults or {})},
         )

@@ -52,6 +52,11 @@ class RefAlignTransformerOutput(BaseOutput):
 
 
 def _run_block(block, num_reference_tokens, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb):
+    if not isinstance(block.attn2.processor, VideoOnlyCrossAttnProcessor):
+        raise RuntimeError(
+            "a block's cross-attention processor was replaced; RefAlign needs VideoOnlyCrossAttnProcessor there "
+            "(subclass it to change the attention backend)"
+        )
     block.attn2.processor.num_reference_tokens = num_reference_tokens
     return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
 

@@ -41,6 +41,18 @@ def test_bundle_loads_and_generates_frames(bundle):
     assert 0 <= result.frames.min() and result.frames.max() <= 1
 
 
+def test_vae_tiling_option_decodes_in_tiles(bundle):
+    tiled = RefAlignPipeline.from_bundle(bundle, vae_tiling=True)
+    assert tiled.vae.use_tiling and not RefAlignPipeline.from_bundle(bundle).vae.use_tiling
+    tiled.vae.tile_sample_min_height = tiled.vae.tile_sample_min_width = 32
+    tiled.vae.tile_sample_stride_height = tiled.vae.tile_sample_stride_width = 16
+    calls = []
+    original = tiled.vae.tiled_decode
+    tiled.vae.tiled_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    frames = tiled("x", [torch.rand(16, 16, 3)], num_frames=5, steps=1, width=64, height=64).frames
+    assert calls and frames.shape == (5, 64, 64, 3)
+
+
 def test_cli_generate_writes_a_playable_video(bundle, ref_images, tmp_path):
     out = tmp_path / "video.mp4"
     args = ["generate", "--dit", str(bundle / "dit.safetensors"), "--vae", str(bundle / "vae.safetensors"),

@@ -127,3 +127,15 @@ def test_bad_reference_shape_is_refused(dit):
         assert "reference_latents" in str(e)
     else:
         raise AssertionError("a reference of another spatial size must be refused")
+
+
+def test_replacing_the_cross_attention_processor_is_refused(dit):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    dit.blocks[1].attn2.set_processor(WanAttnProcessor())
+    x, t, text, refs = video_inputs()
+    try:
+        dit(x, t, text, reference_latents=refs)
+    except RuntimeError as e:
+        assert "VideoOnlyCrossAttnProcessor" in str(e)
+    else:
+        raise AssertionError("a plain processor would let references cross-attend to the text")
