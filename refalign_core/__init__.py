@@ -11,3 +11,9 @@ from .transformer_refalign import RefAlignTransformer3DModel, VideoOnlyCrossAttn
 from .vae import decode_latents, encode_video, load_vae, save_vae
 
 __version__ = "0.1.0"
+__all__ = [
+    "GenerationResult", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel", "SamplingCancelled",
+    "VideoOnlyCrossAttnProcessor", "WAN_NEGATIVE_PROMPT", "decode_latents", "encode_prompts", "encode_references",
+    "encode_video", "fit_on_white", "load_dit", "load_text_encoder", "load_vae", "make_scheduler",
+    "prepare_references", "sample_r2v", "save_dit", "save_vae", "three_pass_guidance",
+]

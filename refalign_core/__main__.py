@@ -12,7 +12,9 @@ from .errors import RefAlignInputError
 from .pipeline import GENERATION_DEFAULTS, RefAlignPipeline
 from .safetensors_io import read_safetensors, write_safetensors
 from .sampler import SAMPLERS, UNCOND_REFERENCES
-from .text_encoder import WAN_NEGATIVE_PROMPT
+from .references import encode_references, prepare_references
+from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
+from .vae import load_vae
 from .video_io import load_image, write_video
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -80,22 +82,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_encode_prompt(args) -> None:
-    pipe = RefAlignPipeline(dit=None, text_encoder=_text_encoder_only(args))
-    prompt_embeds, negative = pipe.encode_prompt([args.prompt, args.negative_prompt or ""]).split(1)
+    text_encoder = load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
+    prompt_embeds, negative = encode_prompts(text_encoder, [args.prompt, args.negative_prompt or ""]).split(1)
     write_safetensors({"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}, args.out)
     print(f"prompt embeddings: {args.out}")
 
 
-def _text_encoder_only(args):
-    from .text_encoder import load_text_encoder
-    return load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
-
-
 def cmd_encode_references(args) -> None:
-    from .vae import load_vae
-    pipe = RefAlignPipeline(dit=None, vae=load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device))
+    vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
     masks = [load_image(p).convert("L") for p in args.mask] if args.mask else None
-    _, latents = pipe.prepare_references([load_image(p) for p in args.ref], args.width, args.height, masks)
+    fitted = prepare_references([load_image(p) for p in args.ref], args.width, args.height, masks)
+    latents = encode_references(vae, fitted)
     write_safetensors({"reference_latents": latents}, args.out)
     print(f"reference latents {tuple(latents.shape)}: {args.out}")
 

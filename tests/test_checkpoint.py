@@ -10,7 +10,6 @@ from refalign_core.checkpoint import (
     dit_state_dict_original, expected_original_shapes, infer_dit_config, load_dit, save_dit,
 )
 from refalign_core.errors import RefAlignInputError
-from refalign_core.tiny import tiny_dit
 
 from helpers import video_inputs
 
