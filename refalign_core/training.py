@@ -5,9 +5,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .alignment import AlignmentProjectors, flow_matching_sample, fm_loss, ra_gate, ra_loss
 from .checkpoint import diffusers_to_original_key
+from .text_encoder import TEXT_LENGTH
 
 
 @dataclass
@@ -23,10 +25,11 @@ class TrainingBatch:
 
 
 def make_training_batch(sample: dict, null_prompt: torch.Tensor, generator: torch.Generator,
-                        text_dropout: float = 0.1, reference_dropout: float = 0.1, both_dropout: float = 0.1
-                        ) -> TrainingBatch:
+                        text_dropout: float = 0.1, reference_dropout: float = 0.1, both_dropout: float = 0.1,
+                        text_length: int = TEXT_LENGTH) -> TrainingBatch:
     """CFG dropout as released: r < p_t → empty prompt; next p_r → references dropped (one all-zero latent frame,
-    RA multiplied by 0); next p_b → both; otherwise both kept. One augmented copy of the references is picked."""
+    RA multiplied by 0); next p_b → both; otherwise both kept. One augmented copy of the references is picked.
+    The prompt is zero-padded to `text_length` tokens, as at inference (padding tokens enter cross-attention)."""
     r = float(torch.rand(1, generator=generator))
     drop_text = r < text_dropout or text_dropout + reference_dropout <= r < text_dropout + reference_dropout + both_dropout
     drop_refs = text_dropout <= r < text_dropout + reference_dropout + both_dropout
@@ -34,12 +37,13 @@ def make_training_batch(sample: dict, null_prompt: torch.Tensor, generator: torc
     refs = sample["reference_latents"][copy]  # [K, 16, h, w]
     tokens = sample["vfm_tokens"][copy].float()
     images = sample["reference_images"][copy].float() / 255.0
+    text = null_prompt if drop_text else sample["prompt_embeds"]
     if drop_refs:
         per_ref = tokens.shape[0] // refs.shape[0]
         refs, tokens = torch.zeros_like(refs[:1]), torch.zeros_like(tokens[:per_ref])
     return TrainingBatch(
         latents=sample["video_latents"][None].float(),
-        text=(null_prompt if drop_text else sample["prompt_embeds"])[None].float(),
+        text=F.pad(text, (0, 0, 0, max(0, text_length - text.shape[0])))[None].float(),
         references=refs.transpose(0, 1)[None].float(),
         vfm_tokens=tokens[None],
         images=images,

@@ -142,3 +142,17 @@ def test_comfyui_lora_export_matches_peft_when_merged():
         expected = peft_model(x, torch.tensor([500.0]), text, reference_latents=refs).sample
         got = merged(x, torch.tensor([500.0]), text, reference_latents=refs).sample
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_configs_use_known_keys_and_typos_are_refused(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for path in (ROOT / "train" / "configs").glob("*.yaml"):
+        cfg = script.load_config(path)
+        assert cfg["train"]["lr"] > 0 and "text_length" in cfg
+    (tmp_path / "typo.yaml").write_text("train:\n  learning_rate: 0.1\n")
+    from refalign_core.errors import RefAlignInputError
+    with pytest.raises(RefAlignInputError, match="train.learning_rate"):
+        script.load_config(tmp_path / "typo.yaml")

@@ -118,7 +118,9 @@ def test_cache_skips_missing_and_corrupt_videos_and_dropout_rates(tmp_path, vae)
     counts = {"text": 0, "refs": 0, "both": 0, "none": 0}
     for seed in range(2000):
         batch = make_training_batch(sample, cache.null_prompt, torch.Generator().manual_seed(seed))
-        no_text = batch.text.shape[1] == cache.null_prompt.shape[0] and torch.equal(batch.text[0], cache.null_prompt)
+        assert batch.text.shape[1] == 512
+        n = cache.null_prompt.shape[0]
+        no_text = torch.equal(batch.text[0, :n], cache.null_prompt) and batch.text[0, n:].abs().max() == 0
         no_refs = batch.keep_references.item() == 0
         counts["both" if no_text and no_refs else "text" if no_text else "refs" if no_refs else "none"] += 1
         if no_refs:

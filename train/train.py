@@ -26,6 +26,7 @@ from tqdm import tqdm
 from refalign_core.alignment import AlignmentProjectors, default_aligned_blocks
 from refalign_core.checkpoint import load_dit, save_dit
 from refalign_core.data import make_synthetic_dataset
+from refalign_core.errors import RefAlignInputError
 from refalign_core.feature_cache import CACHE_FILE, CacheSettings, FeatureCache, build_cache
 from refalign_core.safetensors_io import read_safetensors, write_safetensors
 from refalign_core.text_encoder import TextEncoder, load_text_encoder
@@ -41,12 +42,17 @@ LOG_COLUMNS = ["step", "loss", "fm", "ra_pos", "ra_neg", "ra_gated", "lr", "time
 
 
 def load_config(path: str | None) -> dict:
-    def merge(base, override):
+    """The YAML file over the defaults (tiny.yaml); an unknown key is an error naming it (a typo would else be
+    silently ignored)."""
+    def merge(base, override, where):
         out = copy.deepcopy(base)
         for k, v in (override or {}).items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+            if k not in base:
+                raise RefAlignInputError(f"config {path}: unknown key '{where}{k}' (known: {sorted(base)})")
+            nested = isinstance(v, dict) and isinstance(base[k], dict) and k != "synthetic"
+            out[k] = merge(base[k], v, f"{where}{k}.") if nested else v
         return out
-    return merge(DEFAULTS, yaml.safe_load(Path(path).read_text()) if path else {})
+    return merge(DEFAULTS, yaml.safe_load(Path(path).read_text()) if path else {}, "")
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
@@ -81,6 +87,9 @@ def build_model(cfg: dict, vfm_dim: int):
     if cfg["alignment"]["enabled"]:
         blocks = cfg["alignment"]["blocks"] or default_aligned_blocks(dit.config.num_layers)
         projectors = AlignmentProjectors(dit.config.num_attention_heads * dit.config.attention_head_dim, vfm_dim, blocks)
+        if cfg["alignment"]["init_projectors"]:  # stage 2 starts from the stage-1 projectors
+            tensors, _ = read_safetensors(cfg["alignment"]["init_projectors"], "alignment.init_projectors")
+            projectors.load_state_dict(tensors, strict=True)
     if cfg["train"]["mode"] == "lora":
         from peft import LoraConfig
         dit.requires_grad_(False)
@@ -216,7 +225,7 @@ def main(argv=None) -> int:
             generator = step_generator(cfg["seed"], step, rank, micro)
             index = int(torch.randint(0, len(cache), (1,), generator=generator))
             batch = make_training_batch(cache[index], cache.null_prompt, generator, cfg["dropout"]["text"],
-                                        cfg["dropout"]["references"], cfg["dropout"]["both"])
+                                        cfg["dropout"]["references"], cfg["dropout"]["both"], cfg["text_length"])
             with accelerator.accumulate(module):
                 losses = module(batch)
                 accelerator.backward(losses.total)
@@ -252,5 +261,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    try:
+        return main()
+    except RefAlignInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
