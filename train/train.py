@@ -52,6 +52,8 @@ def load_config(path: str | None) -> dict:
             nested = isinstance(v, dict) and isinstance(base[k], dict) and k != "synthetic"
             out[k] = merge(base[k], v, f"{where}{k}.") if nested else v
         return out
+    if path and not Path(path).is_file():
+        raise RefAlignInputError(f"config {path} does not exist")
     return merge(DEFAULTS, yaml.safe_load(Path(path).read_text()) if path else {}, "")
 
 
