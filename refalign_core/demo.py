@@ -1,9 +1,11 @@
-"""The demo behind `python -m refalign_core demo`.
+"""The embedded default model and the demo behind `python -m refalign_core demo`.
 
-Until the trained toy bundle ships, it builds an untrained tiny bundle (random weights, seed 0) and runs the full
-reference-to-video path on it: fit references on white, VAE-encode, three-pass guided sampling, decode, write.
-The frames are therefore noise-like; the point is that every stage runs end to end on a fresh machine."""
+Until the trained toy bundle ships (`models/refalign_toy/` in the repository), the embedded model is an untrained
+tiny bundle (random weights, seed 0) built once into the user's cache folder. The demo runs the full
+reference-to-video path on it: fit references on white, VAE-encode, three-pass guided sampling, decode, write."""
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +18,25 @@ from .video_io import write_video
 
 DEMO_DEFAULTS = dict(width=64, height=64, num_frames=17, steps=12, shift=5.0, image_scale=5.0, text_scale=7.5,
                      sampler="euler", fps=8)
+
+
+SHIPPED_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "refalign_toy"
+
+
+def embedded_bundle() -> Path:
+    """The shipped toy bundle if present, else the random tiny bundle (built on first use in the cache folder)."""
+    if (SHIPPED_BUNDLE / BUNDLE_FILE).is_file():
+        return SHIPPED_BUNDLE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refalign" / "random_tiny_bundle"
+    if not (cache / BUNDLE_FILE).is_file():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        build_random_bundle(tmp)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not (cache / BUNDLE_FILE).is_file():
+            os.replace(tmp, cache)
+        else:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
 
 
 def build_random_bundle(folder: Path) -> Path:
@@ -38,11 +59,7 @@ def demo_references() -> list[Image.Image]:
 
 def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
     out = Path(out)
-    if bundle is None:
-        bundle = out / "bundle"
-        if not (bundle / BUNDLE_FILE).is_file():
-            build_random_bundle(bundle)
-    pipe = RefAlignPipeline.from_bundle(bundle)
+    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
     result = pipe("a red ball rolls past a striped box", demo_references(), seed=seed, callback=progress)
     fps = pipe.defaults.get("fps", 16)
     paths = {

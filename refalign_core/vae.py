@@ -98,6 +98,13 @@ def save_vae(vae: AutoencoderKLWan, path: str | os.PathLike) -> None:
     write_safetensors(tensors, path, {CONFIG_METADATA_KEY: json.dumps(changed)})
 
 
+def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std of the Wan2.1 VAE, `[1, 16, 1, 1, 1]` each (DiT space = (z − mean) / std)."""
+    config = json.loads(WAN21_VAE_CONFIG.read_text())
+    shape = (1, len(config["latents_mean"]), 1, 1, 1)
+    return torch.tensor(config["latents_mean"]).view(shape), torch.tensor(config["latents_std"]).view(shape)
+
+
 def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor):
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(shape)

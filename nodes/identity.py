@@ -1,0 +1,97 @@
+"""RefAlign Identity Check: per-subject identity, confusion, copy-paste and motion of generated frames."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..refalign_core.errors import RefAlignInputError
+from ..refalign_core.identity import IdentitySettings, check_identity
+from ..refalign_core.identity_sheet import contact_sheet
+from ..refalign_core.vfm import load_vfm
+from . import runtime
+
+MAX_SUBJECTS = 4
+_DEFAULT_BACKBONE = {}
+
+
+class ClipVisionTokens(torch.nn.Module):
+    """A ComfyUI CLIP_VISION model (CLIP, SigLIP, DINOv2) as an identity backbone: the patch tokens of its last
+    hidden state, resampled from its square grid to the 16-pixel grid of the image."""
+
+    def __init__(self, clip_vision):
+        super().__init__()
+        self.clip_vision = clip_vision
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        gh, gw = images.shape[-2] // 16, images.shape[-1] // 16
+        hidden = self.clip_vision.encode_image(images.permute(0, 2, 3, 1), crop=False)["last_hidden_state"].float()
+        n = hidden.shape[1]
+        side = int(round(n ** 0.5))
+        prefix = 0 if side * side == n else 1
+        side = int(round((n - prefix) ** 0.5))
+        if side * side != n - prefix:
+            raise RefAlignInputError(f"clip_vision: cannot find a square patch grid in {n} tokens")
+        grid = hidden[:, prefix:].transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+        return grid.flatten(2).transpose(1, 2).cpu()
+
+
+def default_backbone():
+    if "efficientnet" not in _DEFAULT_BACKBONE:
+        _DEFAULT_BACKBONE["efficientnet"] = load_vfm("efficientnet-lite0")
+    return _DEFAULT_BACKBONE["efficientnet"]
+
+
+class RefAlignIdentityCheck:
+    DESCRIPTION = ("Scores whether the generated frames keep each reference subject: identity per subject (best "
+                   "matching region, per frame), multi-subject confusion, copy-paste of the reference, optional face "
+                   "similarity, and motion. Uses the connected CLIP_VISION model, else an offline EfficientNet.")
+    CATEGORY = "RefAlign"
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("FLOAT",) * (1 + MAX_SUBJECTS) + ("STRING", "IMAGE")
+    RETURN_NAMES = ("overall",) + tuple(f"subject_{k}" for k in range(1, MAX_SUBJECTS + 1)) + ("report", "sheet")
+    OUTPUT_TOOLTIPS = (("Mean identity over subjects (cosine, higher is better).",)
+                       + tuple(f"Identity of subject {k} (0 when absent)." for k in range(1, MAX_SUBJECTS + 1))
+                       + ("The text report (also shown on the node).",
+                          "Contact sheet: references, frames with each subject's region, heat maps, flags."))
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "frames": ("IMAGE", {"tooltip": "The generated video frames."}),
+            "faces": ("BOOLEAN", {"default": False, "tooltip": "Also compare faces (dlib; needs the 'faces' extra)."}),
+            "sample_frames": ("INT", {"default": 32, "min": 1, "max": 1024,
+                                      "tooltip": "Frames scored, sampled uniformly (OpenS2V uses 32)."}),
+        }, "optional": {
+            "references": ("REFALIGN_REFS", {"tooltip": "The references given to the sampler."}),
+            "reference_images": ("IMAGE", {"tooltip": "Or reference images as a batch, one per subject."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "Backbone for identity (e.g. DINOv2 via Load CLIP Vision); "
+                                                       "default: offline EfficientNet-Lite0."}),
+        }}
+
+    def check(self, frames, faces, sample_frames, references=None, reference_images=None, clip_vision=None):
+        if references is not None:
+            refs, masks = references.images, references.masks
+        elif reference_images is not None:
+            refs, masks = list(reference_images), None
+        else:
+            raise RefAlignInputError("no references: connect references (REFALIGN_REFS) or reference_images")
+        if len(refs) > MAX_SUBJECTS:
+            raise RefAlignInputError(f"{len(refs)} references: at most {MAX_SUBJECTS} are supported")
+        embedder = ClipVisionTokens(clip_vision) if clip_vision is not None else default_backbone()
+        face_embedder = None
+        if faces:
+            from ..refalign_core.faces import FaceEmbedder
+            face_embedder = FaceEmbedder()
+        report = check_identity(refs, frames.cpu(), embedder, masks=masks,
+                                settings=IdentitySettings(sample_frames=sample_frames),
+                                backbone_name="clip_vision" if clip_vision is not None else "efficientnet-lite0",
+                                face_embedder=face_embedder)
+        sheet = contact_sheet(report, refs, frames.cpu())
+        sheet_tensor = torch.from_numpy(np.asarray(sheet).copy()).float().div(255)[None]
+        scores = [s.mean for s in report.subjects] + [0.0] * (MAX_SUBJECTS - len(report.subjects))
+        text = report.summary()
+        ui = {"text": [text], "images": runtime.temp_image_output(sheet, "refalign_identity")}
+        return {"ui": ui, "result": (report.overall, *scores, text, sheet_tensor.to(runtime.intermediate_device()))}

@@ -1,0 +1,146 @@
+"""The few ComfyUI runtime helpers the nodes call, imported lazily so the pack imports (and is tested) without
+ComfyUI. Outside ComfyUI they fall back to plain CPU behaviour."""
+
+import os
+
+
+def comfy_available() -> bool:
+    import importlib
+    try:
+        for name in ("folder_paths", "comfy.model_management"):
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def torch_device():
+    import torch
+    if comfy_available():
+        import comfy.model_management as mm
+        return mm.get_torch_device()
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    import torch
+    if comfy_available():
+        import comfy.model_management as mm
+        return mm.intermediate_device()
+    return torch.device("cpu")
+
+
+def check_interrupted() -> bool:
+    """Raises ComfyUI's InterruptProcessingException when the user pressed Cancel; False otherwise."""
+    if comfy_available():
+        import comfy.model_management as mm
+        mm.throw_exception_if_processing_interrupted()
+    return False
+
+
+class Progress:
+    """ComfyUI's ProgressBar when available (websocket progress + preview), else nothing."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        if comfy_available():
+            import comfy.utils
+            self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, step: int, total: int, latents=None) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(step, total)
+
+
+def register_model_folder() -> None:
+    """`models/refalign` (created if missing), also listing `models/diffusion_models`."""
+    if not comfy_available():
+        return
+    import folder_paths
+    path = os.path.join(folder_paths.models_dir, "refalign")
+    os.makedirs(path, exist_ok=True)
+    if "refalign" in folder_paths.folder_names_and_paths:
+        paths, _ = folder_paths.folder_names_and_paths["refalign"]
+        if path not in paths:
+            paths.append(path)
+    else:
+        folder_paths.folder_names_and_paths["refalign"] = ([path], set(folder_paths.supported_pt_extensions))
+
+
+def model_files() -> list[str]:
+    if not comfy_available():
+        return []
+    import folder_paths
+    files = set(folder_paths.get_filename_list("refalign"))
+    files |= set(folder_paths.get_filename_list("diffusion_models"))
+    return sorted(f for f in files if f.endswith(".safetensors") or f.endswith(".index.json"))
+
+
+def model_path(name: str) -> str:
+    import folder_paths
+    for key in ("refalign", "diffusion_models"):
+        path = folder_paths.get_full_path(key, name)
+        if path:
+            return path
+    raise FileNotFoundError(f"model file {name} is in neither models/refalign nor models/diffusion_models")
+
+
+def bundle_folders() -> dict[str, str]:
+    """Bundle folders (holding refalign_bundle.json) inside models/refalign: display name -> path."""
+    if not comfy_available():
+        return {}
+    import folder_paths
+    found = {}
+    for root in folder_paths.get_folder_paths("refalign"):
+        if os.path.isdir(root):
+            for entry in sorted(os.listdir(root)):
+                if os.path.isfile(os.path.join(root, entry, "refalign_bundle.json")):
+                    found[f"bundle: {entry}"] = os.path.join(root, entry)
+    return found
+
+
+def managed_patcher(module, load_device, offload_device):
+    """Wrap a torch module in ComfyUI's ModelPatcher so `load_models_gpu` can load it and evict other models."""
+    if not comfy_available():
+        return None
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
+                                            size=mm.module_size(module))
+
+
+def load_to_device(patcher, memory_required: int = 0) -> None:
+    if patcher is not None:
+        import comfy.model_management as mm
+        mm.load_models_gpu([patcher], memory_required=memory_required)
+
+
+def temp_image_output(image, prefix: str) -> list[dict]:
+    """Save a PIL image into ComfyUI's temp folder and return the UI entry that shows it on the node."""
+    if not comfy_available():
+        return []
+    import folder_paths
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    index = len([f for f in os.listdir(folder) if f.startswith(prefix)])
+    name = f"{prefix}_{index:05d}.png"
+    image.save(os.path.join(folder, name))
+    return [{"filename": name, "subfolder": "", "type": "temp"}]
+
+
+def install_example_images() -> None:
+    """Copy the pack's example reference images into ComfyUI's input folder (once), so the toy workflow's
+    LoadImage nodes find them. Does nothing outside ComfyUI."""
+    if not comfy_available():
+        return
+    import shutil
+    import folder_paths
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    target = folder_paths.get_input_directory()
+    try:
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(source)):
+            if name.endswith(".png") and not os.path.exists(os.path.join(target, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    except OSError:
+        pass  # a read-only input folder only means the toy workflow's images must be picked by hand
