@@ -100,12 +100,20 @@ def bundle_folders() -> dict[str, str]:
 
 
 def managed_patcher(module, load_device, offload_device):
-    """Wrap a torch module in ComfyUI's ModelPatcher so `load_models_gpu` can load it and evict other models."""
+    """Wrap a torch module in ComfyUI's ModelPatcher so `load_models_gpu` can load it and evict other models.
+
+    The patcher writes bookkeeping attributes (`device`, `model_lowvram`, …) onto the model it manages, and a
+    diffusers model's `device` is a read-only property, so it manages a plain holder module around the DiT."""
     if not comfy_available():
         return None
+    import torch
     import comfy.model_management as mm
     import comfy.model_patcher
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device,
+
+    holder = torch.nn.Module()
+    holder.diffusion_model = module
+    holder.device = offload_device
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
                                             size=mm.module_size(module))
 
 

@@ -67,7 +67,7 @@ def test_loader_lists_and_loads_files_bundles_and_the_embedded_model(comfy):
     assert (root / "models" / "refalign").is_dir()  # models/refalign registered and created
     assert choices[0] == pack.nodes.loader.EMBEDDED and "tiny_wan.safetensors" in choices
     model, = loader().load("tiny_wan.safetensors", "fp8_e4m3fn", "auto", "comfy_managed")
-    assert model.pipeline.vae is None and model.patcher.model is model.pipeline.dit
+    assert model.pipeline.vae is None and model.patcher.model.diffusion_model is model.pipeline.dit
     assert model.pipeline.dit.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     model.load()
     assert state["loaded"] == [[model.patcher]]
