@@ -15,7 +15,7 @@ import time
 import torch
 
 from refalign_core.alignment import AlignmentProjectors, default_aligned_blocks
-from refalign_core.data import make_synthetic_dataset
+from refalign_core.toy_world import make_toy_world
 from refalign_core.feature_cache import CacheSettings, FeatureCache, build_cache
 from refalign_core.text_encoder import TextEncoder
 from refalign_core.tiny import char_tokenizer, tiny_dit, tiny_text_encoder, tiny_vae
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=25)
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="ra_bench_")
-    manifest = make_synthetic_dataset(f"{folder}/data", num_videos=4, size=128, num_frames=17)
+    manifest = make_toy_world(f"{folder}/data", num_videos=4, size=128, frames=17, max_subjects=2)
     vfm = load_vfm("efficientnet-lite0")
     settings = CacheSettings(width=128, height=128, num_frames=17, fps=16, augment_copies=2)
     build_cache(manifest, f"{folder}/cache", settings, tiny_vae(), TextEncoder(char_tokenizer(), tiny_text_encoder()),

@@ -1,5 +1,4 @@
-"""Training data: the JSONL manifest, video decoding and frame sampling, reference augmentation, and a small
-synthetic dataset generator for smoke tests.
+"""Training data: the JSONL manifest, video decoding and frame sampling, and reference augmentation.
 
 Manifest (one JSON object per line, paths relative to the manifest's folder):
 
@@ -7,7 +6,7 @@ Manifest (one JSON object per line, paths relative to the manifest's folder):
      "references": [{"image": "refs/0001_0.png", "mask": "refs/0001_0_mask.png", "subject": "red_disc"}, ...]}
 
 `mask` is optional (white = subject; the background is turned white and the image cropped to the mask, as in
-training); `subject` names the identity (used by evaluation and for bookkeeping)."""
+training); `subject` names the identity (used by evaluation and for bookkeeping). `toy_world.py` writes this format."""
 
 import json
 import logging
@@ -21,10 +20,8 @@ import kornia
 import kornia.augmentation as K
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .errors import RefAlignInputError
-from .video_io import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -133,66 +130,3 @@ class ReferenceAugmentation(torch.nn.Module):
         jitter = (torch.rand(b, 3, 1, 1, generator=generator) - 0.5) * 0.1
         brightness = torch.rand(b, 1, 1, 1, generator=generator) * 0.2 + 0.9
         return ((out + jitter) * brightness).clamp(0, 1)
-
-
-# ---------------------------------------------------------------------------------------------- synthetic data
-SHAPES = ("disc", "square", "triangle", "diamond")
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 70), "yellow": (230, 200, 40),
-           "purple": (150, 60, 190), "orange": (240, 130, 30)}
-
-
-def _draw_subject(draw: ImageDraw.ImageDraw, shape: str, colour, box) -> None:
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if shape == "disc":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
-    else:
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
-
-
-def make_synthetic_dataset(folder: str | os.PathLike, num_videos: int = 8, size: int = 64, num_frames: int = 17,
-                           seed: int = 0) -> Path:
-    """Videos of 1–2 coloured shapes moving across a plain background, their references on white (another scale,
-    with masks), captions, and `manifest.jsonl`. Deterministic for a seed. Returns the manifest path."""
-    folder = Path(folder)
-    (folder / "videos").mkdir(parents=True, exist_ok=True)
-    (folder / "refs").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for v in range(num_videos):
-        n_subjects = 1 + v % 2
-        picks = rng.choice(len(SHAPES) * len(COLOURS), n_subjects, replace=False)
-        subjects = [(SHAPES[p % len(SHAPES)], list(COLOURS)[p // len(SHAPES)]) for p in picks]
-        background = tuple(int(c) for c in rng.integers(90, 200, 3))
-        paths = [(rng.uniform(0, size * 0.6, 2), rng.uniform(-size / num_frames, size / num_frames, 2),
-                  rng.uniform(size * 0.25, size * 0.4)) for _ in subjects]
-        frames = []
-        for f in range(num_frames):
-            image = Image.new("RGB", (size, size), background)
-            draw = ImageDraw.Draw(image)
-            for (shape, colour), (start, velocity, extent) in zip(subjects, paths):
-                x, y = np.clip(start + velocity * f, 0, size - extent)
-                _draw_subject(draw, shape, COLOURS[colour], (x, y, x + extent, y + extent))
-            frames.append(torch.from_numpy(np.array(image)).float() / 255.0)
-        write_video(torch.stack(frames), folder / "videos" / f"{v:04d}.mp4", fps=16)
-        refs = []
-        for r, (shape, colour) in enumerate(subjects):
-            ref = Image.new("RGB", (size, size), (255, 255, 255))
-            mask = Image.new("L", (size, size), 0)
-            margin = int(rng.integers(2, size // 6))
-            box = (margin, margin, size - margin, size - margin)
-            _draw_subject(ImageDraw.Draw(ref), shape, COLOURS[colour], box)
-            _draw_subject(ImageDraw.Draw(mask), shape, 255, box)
-            ref.save(folder / "refs" / f"{v:04d}_{r}.png")
-            mask.save(folder / "refs" / f"{v:04d}_{r}_mask.png")
-            refs.append({"image": f"refs/{v:04d}_{r}.png", "mask": f"refs/{v:04d}_{r}_mask.png",
-                         "subject": f"{colour}_{shape}"})
-        caption = " and ".join(f"a {colour} {shape}" for shape, colour in subjects) + " moving"
-        lines.append(json.dumps({"video": f"videos/{v:04d}.mp4", "caption": caption, "references": refs}))
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest

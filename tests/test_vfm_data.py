@@ -5,7 +5,8 @@ import torch
 import skimage.data as skimage_data
 import torch.nn.functional as F
 
-from refalign_core.data import ReferenceAugmentation, SkipCounter, load_video_clip, make_synthetic_dataset, read_manifest
+from refalign_core.data import ReferenceAugmentation, SkipCounter, load_video_clip, read_manifest
+from refalign_core.toy_world import make_toy_world
 from refalign_core.errors import RefAlignInputError
 from refalign_core.feature_cache import CacheSettings, FeatureCache, build_cache
 from refalign_core.text_encoder import TextEncoder
@@ -79,7 +80,7 @@ def test_manifest_skips_bad_lines_and_counts_them(tmp_path):
 
 
 def test_video_clip_sampling_resizes_crops_and_resamples(tmp_path):
-    manifest = make_synthetic_dataset(tmp_path, num_videos=1, size=64, num_frames=17)
+    manifest = make_toy_world(tmp_path, num_videos=1, size=64, frames=17)
     video = read_manifest(manifest)[0].video
     clip = load_video_clip(video, 5, 8, 32, 48, torch.Generator().manual_seed(0))
     assert clip.shape == (3, 5, 32, 48) and -1 <= clip.min() and clip.max() <= 1
@@ -100,9 +101,10 @@ def test_augmentation_fills_with_white_and_is_reproducible():
 
 
 def test_cache_skips_missing_and_corrupt_videos_and_dropout_rates(tmp_path, vae):
-    manifest = make_synthetic_dataset(tmp_path / "data", num_videos=4, size=32, num_frames=9)
-    (tmp_path / "data" / "videos" / "0001.mp4").write_bytes(b"corrupt")
-    (tmp_path / "data" / "videos" / "0002.mp4").unlink()
+    manifest = make_toy_world(tmp_path / "data", num_videos=4, size=32, frames=9, max_subjects=2)
+    (tmp_path / "data" / "videos" / "00001.mp4").write_bytes(b"corrupt")
+    (tmp_path / "data" / "videos" / "00002.mp4").unlink()
+    k = len(read_manifest(manifest)[3].references)
     settings = CacheSettings(width=32, height=32, num_frames=5, fps=None, augment_copies=2)
 
     class TinyVFM(torch.nn.Module):
@@ -114,7 +116,7 @@ def test_cache_skips_missing_and_corrupt_videos_and_dropout_rates(tmp_path, vae)
     cache = FeatureCache(tmp_path / "cache")
     assert len(cache) == 2 and cache.info["skipped"] == 2 and cache.vfm_dim == 3
     sample = cache[1]
-    assert sample["reference_latents"].shape == (2, 2, 16, 4, 4) and sample["vfm_tokens"].shape == (2, 2 * 4, 3)
+    assert sample["reference_latents"].shape == (2, k, 16, 4, 4) and sample["vfm_tokens"].shape == (2, k * 4, 3)
     counts = {"text": 0, "refs": 0, "both": 0, "none": 0}
     for seed in range(2000):
         batch = make_training_batch(sample, cache.null_prompt, torch.Generator().manual_seed(seed))

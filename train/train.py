@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from refalign_core.alignment import AlignmentProjectors, default_aligned_blocks
 from refalign_core.checkpoint import load_dit, save_dit
-from refalign_core.data import make_synthetic_dataset
+from refalign_core.toy_world import make_toy_world
 from refalign_core.errors import RefAlignInputError
 from refalign_core.feature_cache import CACHE_FILE, CacheSettings, FeatureCache, build_cache
 from refalign_core.safetensors_io import read_safetensors, write_safetensors
@@ -49,7 +49,7 @@ def load_config(path: str | None) -> dict:
         for k, v in (override or {}).items():
             if k not in base:
                 raise RefAlignInputError(f"config {path}: unknown key '{where}{k}' (known: {sorted(base)})")
-            nested = isinstance(v, dict) and isinstance(base[k], dict) and k != "synthetic"
+            nested = isinstance(v, dict) and isinstance(base[k], dict) and k != "toy_world"
             out[k] = merge(base[k], v, f"{where}{k}.") if nested else v
         return out
     if path and not Path(path).is_file():
@@ -67,7 +67,7 @@ def prepare_cache(cfg: dict, output_dir: Path, accelerator: Accelerator) -> Feat
     data = cfg["data"]
     cache_dir = Path(data["cache_dir"] or output_dir / "cache")
     if accelerator.is_main_process and not (cache_dir / CACHE_FILE).is_file():
-        manifest = data["manifest"] or make_synthetic_dataset(output_dir / "data", seed=cfg["seed"], **data["synthetic"])
+        manifest = data["manifest"] or make_toy_world(output_dir / "data", seed=cfg["seed"], **data["toy_world"])
         vae = tiny_vae(cfg["seed"]) if cfg["model"]["vae"] == "tiny" else load_vae(cfg["model"]["vae"])
         if cfg["model"]["text_encoder"] == "tiny":
             text_encoder = TextEncoder(char_tokenizer(), tiny_text_encoder(cfg["seed"]))
