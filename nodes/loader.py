@@ -4,11 +4,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..refalign_core.demo import embedded_bundle
+from ..refalign_core.demo import SHIPPED_BASELINE, embedded_bundle
+from ..refalign_core.pipeline import BUNDLE_FILE
 from ..refalign_core.pipeline import RefAlignPipeline
 from . import runtime
 
 EMBEDDED = "embedded toy model (CPU demo)"
+EMBEDDED_BASELINE = "embedded toy baseline (RA loss off)"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp8_e4m3fn": torch.float8_e4m3fn}
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,6 +46,8 @@ def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offloa
     bundles = runtime.bundle_folders()
     if name == EMBEDDED:
         pipeline = RefAlignPipeline.from_bundle(embedded_bundle(), **kwargs)
+    elif name == EMBEDDED_BASELINE:
+        pipeline = RefAlignPipeline.from_bundle(SHIPPED_BASELINE, **kwargs)
     elif name in bundles:
         pipeline = RefAlignPipeline.from_bundle(bundles[name], **kwargs)
     else:
@@ -76,7 +80,8 @@ class RefAlignLoader:
     @classmethod
     def INPUT_TYPES(cls):
         runtime.register_model_folder()
-        choices = [EMBEDDED] + list(runtime.bundle_folders()) + runtime.model_files()
+        embedded = [EMBEDDED] + ([EMBEDDED_BASELINE] if (SHIPPED_BASELINE / BUNDLE_FILE).is_file() else [])
+        choices = embedded + list(runtime.bundle_folders()) + runtime.model_files()
         return {"required": {
             "model_name": (choices, {"tooltip": "A DiT .safetensors from models/refalign or models/diffusion_models "
                                                 "(e.g. RefAlign-1.3B), a bundle folder in models/refalign, or the "

@@ -102,6 +102,7 @@ def cmd_demo(args) -> None:
     with tqdm(desc="demo sampling", unit="step") as bar:
         paths = run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, seed=args.seed,
                          progress=lambda step, total, _: (setattr(bar, "total", total), bar.update(1)))
+    print(paths["identity_report"].read_text(), end="")
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -4,16 +4,18 @@ Until the trained toy bundle ships (`models/refalign_toy/` in the repository), t
 tiny bundle (random weights, seed 0) built once into the user's cache folder. The demo runs the full
 reference-to-video path on it: fit references on white, VAE-encode, three-pass guided sampling, decode, write."""
 
+import json
 import os
 import shutil
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
 from .pipeline import BUNDLE_FILE, RefAlignPipeline
 from .text_encoder import load_text_encoder
 from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
+from .toy_world import Subject, reference_image
 from .video_io import write_video
 
 DEMO_DEFAULTS = dict(width=64, height=64, num_frames=17, steps=12, shift=5.0, image_scale=5.0, text_scale=7.5,
@@ -21,6 +23,7 @@ DEMO_DEFAULTS = dict(width=64, height=64, num_frames=17, steps=12, shift=5.0, im
 
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "refalign_toy"
+SHIPPED_BASELINE = SHIPPED_BUNDLE.with_name("refalign_toy_baseline")  # same data and steps, RA loss off
 
 
 def embedded_bundle() -> Path:
@@ -46,28 +49,40 @@ def build_random_bundle(folder: Path) -> Path:
     return pipe.save_bundle(folder)
 
 
+DEMO_PROMPT = "a red plain disc moves right and a blue striped square moves left"
+DEMO_SUBJECTS = (Subject("disc", "red", "plain", "red"), Subject("square", "blue", "striped", "pink"))
+
+
 def demo_references() -> list[Image.Image]:
-    """Two synthetic subjects: a red disc on a transparent background and a blue-striped box."""
-    disc = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
-    ImageDraw.Draw(disc).ellipse((8, 8, 72, 72), fill=(220, 40, 40, 255))
-    box = Image.new("RGB", (96, 48), (30, 60, 200))
-    draw = ImageDraw.Draw(box)
-    for x in range(0, 96, 12):
-        draw.rectangle((x, 0, x + 5, 47), fill=(240, 240, 250))
-    return [disc, box]
+    """Two toy-world subjects on white: a red disc and a blue square with pink stripes."""
+    rng = np.random.default_rng(7)
+    return [reference_image(subject, rng, 64)[0] for subject in DEMO_SUBJECTS]
 
 
 def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
+    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result with the identity
+    check (report JSON / text and contact sheet). Returns the written paths."""
+    from .identity import IdentitySettings, check_identity
+    from .identity_sheet import contact_sheet
+    from .vfm import load_vfm
+
     out = Path(out)
     pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
-    result = pipe("a red ball rolls past a striped box", demo_references(), seed=seed, callback=progress)
+    references = demo_references()
+    result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
     fps = pipe.defaults.get("fps", 16)
     paths = {
         "mp4": write_video(result.frames, out / "demo.mp4", fps=fps),
         "webp": write_video(result.frames, out / "demo.webp", fps=fps),
     }
-    refs = (result.references.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8)
-    sheet = torch.cat(list(refs), dim=1).numpy()
-    paths["references"] = out / "references.png"
-    Image.fromarray(sheet).save(paths["references"])
+    names = [s.id for s in DEMO_SUBJECTS]
+    report = check_identity(references, result.frames, load_vfm(), names=names,
+                            settings=IdentitySettings(sample_frames=len(result.frames)),
+                            backbone_name="efficientnet-lite0")
+    paths["identity_json"] = out / "identity.json"
+    paths["identity_json"].write_text(json.dumps(report.to_dict(), indent=1))
+    paths["identity_report"] = out / "identity.txt"
+    paths["identity_report"].write_text(report.summary() + "\n")
+    paths["contact_sheet"] = out / "contact_sheet.png"
+    contact_sheet(report, references, result.frames).save(paths["contact_sheet"])
     return paths

@@ -77,6 +77,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a weight file is as readable as any other file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

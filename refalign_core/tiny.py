@@ -40,9 +40,19 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_text_encoder(seed: int = 0) -> UMT5EncoderModel:
+def word_tokenizer(words) -> PreTrainedTokenizerFast:
+    """A T5-style tokenizer whose tokens are whole words of a closed vocabulary (the toy world's captions)."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_text_encoder(seed: int = 0, vocab_size: int = 64, **overrides) -> UMT5EncoderModel:
     torch.manual_seed(seed)
-    return UMT5EncoderModel(UMT5Config(vocab_size=64, **TINY_UMT5)).eval()
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **{**TINY_UMT5, **overrides})).eval()
 
 
 def write_tiny_text_encoder(folder: str | Path, seed: int = 0) -> Path:

@@ -160,7 +160,7 @@ def render_video(subjects: list[Subject], rng: np.random.Generator, frames: int 
 
 
 def make_toy_world(folder: str | os.PathLike, num_videos: int = 64, split: str = "train", frames: int = 17,
-                   size: int = 64, seed: int = 0, max_subjects: int = 3) -> Path:
+                   size: int = 64, seed: int = 0, max_subjects: int = 3, min_subjects: int = 1) -> Path:
     """Write `num_videos` clips with subjects from `split` ("train" or "held_out") plus references, masks and
     `manifest.jsonl` (deterministic for a seed). Returns the manifest path."""
     folder = Path(folder)
@@ -171,7 +171,7 @@ def make_toy_world(folder: str | os.PathLike, num_videos: int = 64, split: str =
     rng = np.random.default_rng(seed + (0 if split == "train" else 10_000))
     lines = []
     for v in range(num_videos):
-        count = int(rng.integers(1, max_subjects + 1))
+        count = int(rng.integers(min_subjects, max_subjects + 1))
         picks = [pool[i] for i in rng.choice(len(pool), count, replace=False)]
         video, caption = render_video(picks, rng, frames, size)
         write_video(video, folder / "videos" / f"{v:05d}.mp4", fps=16, crf=12)

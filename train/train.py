@@ -83,7 +83,7 @@ def prepare_cache(cfg: dict, output_dir: Path, accelerator: Accelerator) -> Feat
 def build_model(cfg: dict, vfm_dim: int):
     torch.manual_seed(cfg["seed"])
     spec = cfg["model"]["dit"]
-    dit = tiny_dit(cfg["seed"]) if spec == "tiny" else load_dit(spec)
+    dit = tiny_dit(cfg["seed"], **(cfg["model"]["dit_config"] or {})) if spec == "tiny" else load_dit(spec)
     dit.train()
     projectors = None
     if cfg["alignment"]["enabled"]:

@@ -1,0 +1,148 @@
+"""The recipe for the embedded toy models: one command, CPU, deterministic.
+
+    python train/make_toy_bundle.py --out models [--work DIR] [--scale 1.0]
+
+1. toy world: training videos of training identities (`refalign_core.toy_world`);
+2. text encoder: a word-level tokenizer over the toy vocabulary + a small frozen, seeded umT5;
+3. VAE: a small `AutoencoderKLWan` trained to reconstruct toy clips and single frames (L1), then its latent
+   mean / std measured and stored in its config;
+4. two DiTs with `train/train.py` on the same cached data and steps: RefAlign (RA loss, VFM = EfficientNet-Lite0)
+   and a baseline (RA off);
+5. bundles `refalign_toy/` and `refalign_toy_baseline/` (sharing VAE and text encoder) and `refalign_toy/recipe.json`
+   with the settings, wall times and a SHA-256 of every file.
+`--scale` multiplies every step count (the tests use a tiny scale)."""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train as trainer  # noqa: E402  (train/train.py)
+
+from refalign_core.data import load_video_clip, read_manifest  # noqa: E402
+from refalign_core.pipeline import BUNDLE_FILE  # noqa: E402
+from refalign_core.tiny import tiny_text_encoder, word_tokenizer  # noqa: E402
+from refalign_core.toy_world import make_toy_world, vocabulary  # noqa: E402
+from refalign_core.vae import save_vae  # noqa: E402
+
+RECIPE = {
+    "seed": 0,
+    "world": {"num_videos": 320, "frames": 17, "size": 64},
+    "text_encoder": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+    "vae": {"base_dim": 8, "steps": 1200, "lr": 2e-3, "clip_frames": 5, "batch": 4},
+    "dit": {"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
+            "text_dim": 64, "freq_dim": 256, "ffn_dim": 384, "num_layers": 6},
+    "train": {"max_steps": 10000, "lr": 5e-4, "warmup_steps": 100, "checkpoint_every": 5000},
+    "defaults": {"width": 64, "height": 64, "num_frames": 17, "steps": 25, "shift": 5.0, "image_scale": 5.0,
+                 "text_scale": 7.5, "sampler": "euler", "fps": 8},
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train_vae(manifest: Path, settings: dict, seed: int):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=settings["base_dim"], z_dim=16).train()
+    entries = read_manifest(manifest)
+    clips = torch.stack([load_video_clip(e.video, 17, None, 64, 64) for e in entries])  # [N, 3, 17, 64, 64]
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    n = settings["clip_frames"]
+    for step in range(settings["steps"]):
+        index = torch.randint(0, len(clips), (settings["batch"],), generator=generator)
+        start = int(torch.randint(0, 17 - n + 1, (1,), generator=generator))
+        # alternate multi-frame clips (videos) and single frames (references are encoded as 1-frame clips)
+        x = clips[index, :, start:start + (n if step % 2 == 0 else 1)]
+        reconstruction = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        loss = (reconstruction - x).abs().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 100 == 0:
+            print(f"vae step {step}: L1 {loss.item():.4f}", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(clips[i:i + 8, :, :n]).latent_dist.mode() for i in range(0, min(64, len(clips)), 8)])
+    vae.register_to_config(latents_mean=latents.mean((0, 2, 3, 4)).tolist(),
+                           latents_std=latents.std((0, 2, 3, 4)).clamp(min=1e-3).tolist())
+    return vae, loss.item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="models", help="folder that receives refalign_toy/ and refalign_toy_baseline/")
+    parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step / video count (tests)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the recorded hashes assume 2 threads
+    recipe = json.loads(json.dumps(RECIPE))
+    for section, key in (("world", "num_videos"), ("vae", "steps"), ("train", "max_steps"),
+                         ("train", "checkpoint_every"), ("train", "warmup_steps")):
+        recipe[section][key] = max(2, int(recipe[section][key] * args.scale))
+    work = Path(args.work or tempfile.mkdtemp(prefix="refalign_toy_"))
+    out = Path(args.out)
+    bundle, baseline = out / "refalign_toy", out / "refalign_toy_baseline"
+    for folder in (bundle, baseline):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    times = {}
+    start = time.perf_counter()
+    manifest = make_toy_world(work / "world", split="train", seed=recipe["seed"], **recipe["world"])
+    times["world_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenizer = word_tokenizer(vocabulary())
+    encoder = tiny_text_encoder(recipe["seed"], vocab_size=len(tokenizer), **recipe["text_encoder"])
+    encoder.save_pretrained(bundle / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(bundle / "text_encoder")
+    vae, vae_loss = train_vae(manifest, recipe["vae"], recipe["seed"])
+    save_vae(vae, bundle / "vae.safetensors")
+    times["vae_s"] = time.perf_counter() - start
+
+    for name, folder, ra in (("refalign", bundle, True), ("baseline", baseline, False)):
+        config = yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())
+        config["seed"] = recipe["seed"]
+        config["model"].update(dit="tiny", dit_config=recipe["dit"], vae=str(bundle / "vae.safetensors"),
+                               text_encoder=str(bundle / "text_encoder"), vfm="efficientnet-lite0")
+        config["data"].update(manifest=str(manifest), width=64, height=64, num_frames=17, fps=16, augment_copies=4,
+                              cache_dir=str(work / "cache"))
+        config["train"].update(recipe["train"])
+        config["alignment"]["enabled"] = ra
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        start = time.perf_counter()
+        trainer.main(["--config", str(work / f"{name}.yaml"), "--output-dir", str(work / name)])
+        times[f"{name}_s"] = time.perf_counter() - start
+        shutil.copyfile(work / name / "dit.safetensors", folder / "dit.safetensors")
+        shutil.copyfile(work / name / "log.csv", folder / "train_log.csv")
+        if ra:
+            shutil.copyfile(work / name / "projectors.safetensors", folder / "projectors.safetensors")
+    shared = {"vae": "vae.safetensors", "text_encoder": "text_encoder"}
+    for folder, prefix in ((bundle, ""), (baseline, "../refalign_toy/")):
+        manifest_json = {"format": "refalign-bundle", "version": 1, "dit": "dit.safetensors",
+                         **{k: prefix + v for k, v in shared.items()}, "defaults": recipe["defaults"]}
+        (folder / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
+    files = {str(p.relative_to(out)): sha256(p) for folder in (bundle, baseline) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "recipe.json"}
+    record = {"recipe": recipe, "command": "python train/make_toy_bundle.py --out models", "vae_final_l1": vae_loss,
+              "wall_seconds": {k: round(v, 1) for k, v in times.items()}, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "sha256": files}
+    (bundle / "recipe.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record["wall_seconds"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
