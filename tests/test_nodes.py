@@ -23,10 +23,12 @@ def comfy(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The embedded toy model loaded once through the Loader node (no ComfyUI)."""
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    pack = load_pack()
-    model, = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(pack.nodes.loader.EMBEDDED, "default", "auto", "none")
-    return pack, model
+    with pytest.MonkeyPatch.context() as patch:  # the embedded bundle is built into this test's cache folder
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        pack = load_pack()
+        model, = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(pack.nodes.loader.EMBEDDED, "default", "auto",
+                                                                   "none")
+        yield pack, model
 
 
 def refs(pack, n=2, size=(40, 60)):
