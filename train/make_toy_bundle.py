@@ -38,10 +38,10 @@ RECIPE = {
     "seed": 0,
     "world": {"num_videos": 320, "frames": 17, "size": 64},
     "text_encoder": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
-    "vae": {"base_dim": 8, "steps": 1200, "lr": 2e-3, "clip_frames": 5, "batch": 4},
+    "vae": {"base_dim": 8, "steps": 4000, "lr": 1e-3, "clip_frames": 5, "clip_every": 5, "batch": 4},
     "dit": {"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
             "text_dim": 64, "freq_dim": 256, "ffn_dim": 384, "num_layers": 6},
-    "train": {"max_steps": 10000, "lr": 5e-4, "warmup_steps": 100, "checkpoint_every": 5000},
+    "train": {"max_steps": 8000, "lr": 5e-4, "warmup_steps": 100, "checkpoint_every": 4000},
     "defaults": {"width": 64, "height": 64, "num_frames": 17, "steps": 25, "shift": 5.0, "image_scale": 5.0,
                  "text_scale": 7.5, "sampler": "euler", "fps": 8},
 }
@@ -64,14 +64,14 @@ def train_vae(manifest: Path, settings: dict, seed: int):
     for step in range(settings["steps"]):
         index = torch.randint(0, len(clips), (settings["batch"],), generator=generator)
         start = int(torch.randint(0, 17 - n + 1, (1,), generator=generator))
-        # alternate multi-frame clips (videos) and single frames (references are encoded as 1-frame clips)
-        x = clips[index, :, start:start + (n if step % 2 == 0 else 1)]
+        # mostly single frames (cheap; references are encoded as 1-frame clips), every `clip_every`-th step a clip
+        x = clips[index, :, start:start + (n if step % settings["clip_every"] == 0 else 1)]
         reconstruction = vae.decode(vae.encode(x).latent_dist.mode()).sample
         loss = (reconstruction - x).abs().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % 100 == 0:
+        if step % 250 == 0:
             print(f"vae step {step}: L1 {loss.item():.4f}", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
