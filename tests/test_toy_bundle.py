@@ -18,7 +18,9 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "m" / "refalign_toy" / "recipe.json").read_text())
-    assert record["recipe"]["train"]["max_steps"] == 40 and record["sha256"]  # 8000 × 0.005
+    full = json.loads(json.dumps(__import__("make_toy_bundle").RECIPE))
+    assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * 0.005))
+    assert record["recipe"]["dit"] == full["dit"] and record["sha256"]
     pipe = RefAlignPipeline.from_bundle(tmp_path / "m" / "refalign_toy_baseline")
     frames = pipe("a red plain disc moves right", [torch.rand(32, 32, 3)], steps=2, num_frames=5).frames
     assert frames.shape == (5, 64, 64, 3)
