@@ -96,16 +96,15 @@ class RefAlignR2VSampler:
             raise RefAlignInputError(f"the VAE has {vae.latent_channels} latent channels but the DiT expects "
                                      f"{channels}: use the Wan2.1 VAE (not the Wan2.2 one)")
         text_dim = pipe.dit.config.text_dim
-        if positive is not None:
-            prompt_embeds = conditioning_tensor(positive, "positive", text_dim)
-        elif pipe.text_encoder is not None:
-            prompt_embeds = pipe.encode_prompt([prompt])
-        else:
+        if positive is None and pipe.text_encoder is None:
             raise RefAlignInputError("no prompt: connect positive CONDITIONING (this model has no text encoder)")
+        if pipe.text_encoder is not None and (positive is None or negative is None):
+            encoded_prompt, encoded_negative = pipe.encode_prompt([prompt, negative_prompt]).split(1)  # one call
+        prompt_embeds = conditioning_tensor(positive, "positive", text_dim) if positive is not None else encoded_prompt
         if negative is not None:
             negative_embeds = conditioning_tensor(negative, "negative", text_dim)
         elif pipe.text_encoder is not None:
-            negative_embeds = pipe.encode_prompt([negative_prompt])
+            negative_embeds = encoded_negative
         else:
             negative_embeds = torch.zeros_like(prompt_embeds)
         fitted = references.fitted(width, height)

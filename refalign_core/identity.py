@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .errors import RefAlignInputError
 from .references import fit_on_white, to_chw
+from .video_io import to_uint8_frames
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _subject_template(reference: torch.Tensor) -> tuple[np.ndarray, torch.Tensor
         mask = torch.ones_like(mask)
     ys, xs = torch.nonzero(mask, as_tuple=True)
     crop = reference[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    crop_u8 = (crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    crop_u8 = to_uint8_frames(crop.permute(1, 2, 0))
     return _gray(crop_u8), mask
 
 
@@ -279,7 +280,7 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
             if shared >= 0.5:
                 flags.append(f"{names[i]} and {names[j]} land on the same region in {shared:.0%} of the frames")
 
-    frames_u8 = (frames.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    frames_u8 = to_uint8_frames(frames)
     work_gray = [_gray(cv2.resize(frames_u8[i], (work_w, work_h), interpolation=cv2.INTER_AREA)) for i in indices]
     to_work = np.array([work_w / width, work_h / height, work_w / width, work_h / height])
     faces = _face_reports(references, frames_u8, indices, face_embedder) if face_embedder is not None else None
@@ -315,7 +316,7 @@ def _face_reports(references, frames_u8, indices, face_embedder) -> list[dict]:
     frame_faces = None
     for reference in references:
         rgb, _ = to_chw(reference)
-        ref_face = face_embedder.largest_face((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        ref_face = face_embedder.largest_face(to_uint8_frames(rgb.permute(1, 2, 0)))
         if ref_face is None:
             reports.append({"reference_face": False})
             continue

@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .identity import IdentityReport
 from .references import fit_on_white
+from .video_io import to_uint8_frames
 
 COLOURS = [(230, 60, 60), (60, 120, 240), (40, 180, 90), (240, 180, 30), (170, 80, 200), (30, 190, 200)]
 THUMB = 150
@@ -29,7 +30,7 @@ def contact_sheet(report: IdentityReport, references, frames: torch.Tensor, colu
     font = ImageFont.load_default()
     k = len(report.subjects)
     picks = np.linspace(0, len(report.frame_indices) - 1, min(columns, len(report.frame_indices))).round().astype(int)
-    frames_u8 = (frames.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    frames_u8 = to_uint8_frames(frames)
     height, width = report.frame_size
     thumb_w = round(width * THUMB / height)
     text_lines = report.summary().splitlines()
@@ -39,7 +40,7 @@ def contact_sheet(report: IdentityReport, references, frames: torch.Tensor, colu
     draw = ImageDraw.Draw(sheet)
     draw.text((6, 4), "references", fill=(0, 0, 0), font=font)
     for i, (subject, ref) in enumerate(zip(report.subjects, references)):
-        fitted = (fit_on_white(ref, THUMB, THUMB).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        fitted = to_uint8_frames(fit_on_white(ref, THUMB, THUMB).permute(1, 2, 0))
         x = 6 + i * (THUMB + 6)
         sheet.paste(Image.fromarray(fitted), (x, 20))
         draw.rectangle((x, 20, x + THUMB - 1, 20 + THUMB - 1), outline=COLOURS[i % len(COLOURS)], width=3)

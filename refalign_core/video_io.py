@@ -14,7 +14,7 @@ VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
 
 
 def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
-    """`[T, H, W, 3]` float in [0,1] (ComfyUI IMAGE layout) -> uint8 numpy."""
+    """Float in [0,1] (e.g. `[T, H, W, 3]`, ComfyUI IMAGE layout, or one `[H, W, 3]` image) -> uint8 numpy."""
     return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
