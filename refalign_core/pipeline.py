@@ -40,6 +40,9 @@ class RefAlignPipeline:
         """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory."""
         vae_model = load_vae(vae, dtype=compute_dtype, device=device) if vae else None
         if vae_model is not None and vae_tiling:
+            if not hasattr(vae_model, "enable_tiling"):
+                raise RefAlignInputError(f"vae_tiling: {vae} is a {type(vae_model).__name__}, which has no tiled "
+                                         "decoding (only the Wan2.1 VAE has)")
             vae_model.enable_tiling()
         return cls(
             dit=load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device),

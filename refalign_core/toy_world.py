@@ -88,14 +88,14 @@ def render_subject(subject: Subject, size: int = 48) -> Image.Image:
     body = Image.new("RGB", (size, size), COLOURS[subject.colour])
     pen = ImageDraw.Draw(body)
     accent = COLOURS[subject.accent]
-    step = max(4, size // 6)
+    step = max(6, size // 4)  # coarse enough to survive the 8× latent grid
     if subject.pattern == "striped":
         for x in range(0, size, step):
             pen.rectangle((x, 0, x + step // 2 - 1, size), fill=accent)
     elif subject.pattern == "dotted":
         for y in range(step // 2, size, step):
             for x in range(step // 2, size, step):
-                pen.ellipse((x - step // 4, y - step // 4, x + step // 4, y + step // 4), fill=accent)
+                pen.ellipse((x - step // 3, y - step // 3, x + step // 3, y + step // 3), fill=accent)
     elif subject.pattern == "checkered":
         for y in range(0, size, step):
             for x in range(0, size, step):

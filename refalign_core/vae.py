@@ -13,9 +13,11 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from .errors import RefAlignInputError
 from .safetensors_io import read_safetensors, write_safetensors
+from .toy_vae import ToyVideoVAE
 
 WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"
 CONFIG_METADATA_KEY = "refalign.vae_config"
+CLASS_METADATA_KEY = "refalign.vae_class"  # "ToyVideoVAE" for the embedded toy model; absent for Wan2.1 VAEs
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 _RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
              "conv_shortcut": "shortcut"}
@@ -58,8 +60,20 @@ def _vae_config(state_dict: dict, metadata: dict) -> dict:
     return config
 
 
+def _toy_vae_from_state_dict(state_dict: dict, metadata: dict, dtype, device, path) -> ToyVideoVAE:
+    with torch.device("meta"):
+        vae = ToyVideoVAE(**json.loads(metadata.get(CONFIG_METADATA_KEY, "{}")))
+    try:
+        vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RefAlignInputError(f"{path} does not match its ToyVideoVAE config: {e}") from e
+    return vae.eval().requires_grad_(False)
+
+
 def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
-                        path="VAE") -> AutoencoderKLWan:
+                        path="VAE") -> AutoencoderKLWan | ToyVideoVAE:
+    if (metadata or {}).get(CLASS_METADATA_KEY) == ToyVideoVAE.__name__:
+        return _toy_vae_from_state_dict(state_dict, metadata, dtype, device, path)
     for prefix in VAE_PREFIXES:
         if any(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -84,14 +98,20 @@ def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype
     return vae.eval().requires_grad_(False)
 
 
-def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> AutoencoderKLWan:
-    """Load a Wan2.1 VAE from a local .safetensors file (any supported naming)."""
+def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> AutoencoderKLWan | ToyVideoVAE:
+    """Load a Wan2.1 VAE from a local .safetensors file (any supported naming), or a saved `ToyVideoVAE`."""
     state_dict, metadata = read_safetensors(path, "VAE")
     return vae_from_state_dict(state_dict, metadata, dtype=dtype, device=device, path=str(path))
 
 
-def save_vae(vae: AutoencoderKLWan, path: str | os.PathLike) -> None:
-    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata."""
+def save_vae(vae: AutoencoderKLWan | ToyVideoVAE, path: str | os.PathLike) -> None:
+    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata. A `ToyVideoVAE` is saved
+    with its own key names and its whole config."""
+    if isinstance(vae, ToyVideoVAE):
+        config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+        write_safetensors(dict(vae.state_dict()), path, {CLASS_METADATA_KEY: ToyVideoVAE.__name__,
+                                                         CONFIG_METADATA_KEY: json.dumps(config)})
+        return
     defaults = json.loads(WAN21_VAE_CONFIG.read_text())
     changed = {k: v for k, v in dict(vae.config).items() if k in defaults and v != defaults[k]}
     tensors = {vae_diffusers_to_original_key(k): v for k, v in vae.state_dict().items()}

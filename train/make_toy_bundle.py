@@ -4,8 +4,8 @@
 
 1. toy world: training videos of training identities (`refalign_core.toy_world`);
 2. text encoder: a word-level tokenizer over the toy vocabulary + a small frozen, seeded umT5;
-3. VAE: a small `AutoencoderKLWan` trained to reconstruct toy clips and single frames (L1), then its latent
-   mean / std measured and stored in its config;
+3. VAE: a `ToyVideoVAE` (Wan2.1 latent layout, 2-D convolutions) trained to reconstruct toy clips and
+   references (L1), then its latent mean / std measured and stored in its config;
 4. two DiTs with `train/train.py` on the same cached data and steps: RefAlign (RA loss, VFM = EfficientNet-Lite0)
    and a baseline (RA off);
 5. bundles `refalign_toy/` and `refalign_toy_baseline/` (sharing VAE and text encoder) and `refalign_toy/recipe.json`
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -32,13 +33,15 @@ from refalign_core.data import load_video_clip, read_manifest  # noqa: E402
 from refalign_core.pipeline import BUNDLE_FILE  # noqa: E402
 from refalign_core.tiny import tiny_text_encoder, word_tokenizer  # noqa: E402
 from refalign_core.toy_world import make_toy_world, vocabulary  # noqa: E402
+from refalign_core.toy_vae import ToyVideoVAE  # noqa: E402
 from refalign_core.vae import save_vae  # noqa: E402
+from refalign_core.video_io import load_image  # noqa: E402
 
 RECIPE = {
     "seed": 0,
     "world": {"num_videos": 320, "frames": 17, "size": 64},
     "text_encoder": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
-    "vae": {"base_dim": 8, "steps": 4000, "lr": 1e-3, "clip_frames": 5, "clip_every": 5, "batch": 4},
+    "vae": {"block_channels": [32, 64, 96, 96], "steps": 1600, "lr": 1e-3, "batch": 8, "latent_noise": 0.1},
     "dit": {"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
             "text_dim": 64, "freq_dim": 256, "ffn_dim": 384, "num_layers": 6},
     "train": {"max_steps": 8000, "lr": 5e-4, "warmup_steps": 100, "checkpoint_every": 4000},
@@ -51,34 +54,42 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train_vae(manifest: Path, settings: dict, seed: int):
-    from diffusers import AutoencoderKLWan
-
+def train_vae(manifest: Path, settings: dict, seed: int) -> tuple[ToyVideoVAE, float]:
+    """A `ToyVideoVAE` trained with L1 on random 5-frame windows of the toy clips plus references as 1-frame clips;
+    the decoder sees latents with a little Gaussian noise (`latent_noise` × per-channel std) so it tolerates the
+    DiT's imprecision. Cosine learning-rate decay. Its latent mean / std are measured and stored in its config."""
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=settings["base_dim"], z_dim=16).train()
+    vae = ToyVideoVAE(block_channels=tuple(settings["block_channels"])).train()
     entries = read_manifest(manifest)
     clips = torch.stack([load_video_clip(e.video, 17, None, 64, 64) for e in entries])  # [N, 3, 17, 64, 64]
+    refs = torch.stack([torch.from_numpy(np.array(load_image(r.image).convert("RGB"))) for e in entries
+                        for r in e.references])
+    refs = (refs.permute(0, 3, 1, 2).float() / 127.5 - 1)[:, :, None]  # [R, 3, 1, 64, 64] in [-1, 1]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings["steps"])
     generator = torch.Generator().manual_seed(seed)
-    n = settings["clip_frames"]
+    batch = settings["batch"]
     for step in range(settings["steps"]):
-        index = torch.randint(0, len(clips), (settings["batch"],), generator=generator)
-        start = int(torch.randint(0, 17 - n + 1, (1,), generator=generator))
-        # mostly single frames (cheap; references are encoded as 1-frame clips), every `clip_every`-th step a clip
-        x = clips[index, :, start:start + (n if step % settings["clip_every"] == 0 else 1)]
-        reconstruction = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        loss = (reconstruction - x).abs().mean()
+        start = int(torch.randint(0, 17 - 5 + 1, (1,), generator=generator))
+        loss = 0.0
+        for x in (clips[torch.randint(0, len(clips), (batch,), generator=generator), :, start:start + 5],
+                  refs[torch.randint(0, len(refs), (batch // 2,), generator=generator)]):
+            z = vae.encode(x).latent_dist.mode()
+            noise = torch.randn(z.shape, generator=generator) * z.detach().std((0, 2, 3, 4), keepdim=True)
+            loss = loss + (vae.decode(z + settings["latent_noise"] * noise).sample - x).abs().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()
         if step % 250 == 0:
-            print(f"vae step {step}: L1 {loss.item():.4f}", flush=True)
+            print(f"vae step {step}: L1 {loss.item() / 2:.4f}", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(clips[i:i + 8, :, :n]).latent_dist.mode() for i in range(0, min(64, len(clips)), 8)])
+        latents = torch.cat([vae.encode(clips[i:i + 16]).latent_dist.mode() for i in range(0, len(clips), 16)])
+        reconstruction = torch.cat([vae.decode(latents[i:i + 16]).sample for i in range(0, len(clips), 16)])
     vae.register_to_config(latents_mean=latents.mean((0, 2, 3, 4)).tolist(),
                            latents_std=latents.std((0, 2, 3, 4)).clamp(min=1e-3).tolist())
-    return vae, loss.item()
+    return vae, (reconstruction.clamp(-1, 1) - clips).abs().mean().item()
 
 
 def main(argv=None) -> int:
@@ -136,7 +147,7 @@ def main(argv=None) -> int:
         (folder / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
     files = {str(p.relative_to(out)): sha256(p) for folder in (bundle, baseline) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != "recipe.json"}
-    record = {"recipe": recipe, "command": "python train/make_toy_bundle.py --out models", "vae_final_l1": vae_loss,
+    record = {"recipe": recipe, "command": "python train/make_toy_bundle.py --out models", "vae_l1_training_clips": vae_loss,
               "wall_seconds": {k: round(v, 1) for k, v in times.items()}, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "sha256": files}
     (bundle / "recipe.json").write_text(json.dumps(record, indent=1))
