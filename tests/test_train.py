@@ -67,8 +67,9 @@ def test_exported_dit_loads_through_the_core_loader(tiny_run):
     assert projectors["blocks.0.input_mlp.proj.2.weight"].shape == (1392, 16)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_run):
-    cfg = config(tmp_path, train={"max_steps": 20, "checkpoint_every": 5},
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_run, ema_decay):
+    cfg = config(tmp_path, train={"max_steps": 20, "checkpoint_every": 5, "ema_decay": ema_decay},
                  data={"manifest": str(tiny_run / "data" / "manifest.jsonl"), "cache_dir": str(tiny_run / "cache")})
     run(["--config", cfg, "--output-dir", tmp_path / "straight"])
     killed = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "killed")], cwd=ROOT,
@@ -89,6 +90,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_run):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     rows = [r.split(",")[0] for r in (tmp_path / "killed" / "log.csv").read_text().splitlines()[1:]]
     assert rows == [str(i) for i in range(1, 21)]
+    last = load_file(tmp_path / "straight" / "checkpoints" / "step-000020" / "trainable.safetensors")
+    exported = load_dit(tmp_path / "straight" / "dit.safetensors").state_dict()
+    assert all("dit." + k in last for k in exported)
+    raw_weights_exported = all(torch.equal(v, last["dit." + k]) for k, v in exported.items())
+    assert raw_weights_exported == (ema_decay is None)  # with EMA, the averaged weights are exported
 
 
 def test_two_process_ddp_on_cpu(tmp_path, tiny_run):

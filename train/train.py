@@ -21,6 +21,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from refalign_core.alignment import AlignmentProjectors, default_aligned_blocks
@@ -112,13 +113,14 @@ def trainable_state(accelerator: Accelerator, module) -> dict[str, torch.Tensor]
     return {k: v.detach().cpu().clone() for k, v in accelerator.get_state_dict(module).items() if k in names}
 
 
-def save_checkpoint(folder: Path, step: int, state: dict, optimizer, scheduler, cfg: dict) -> None:
+def save_checkpoint(folder: Path, step: int, state: dict, optimizer, scheduler, cfg: dict, ema=None) -> None:
     """Atomic: written to a temp folder, then renamed; a crash leaves either the whole checkpoint or none."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_safetensors(state, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save({**states, "ema": ema.state_dict()} if ema is not None else states, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -130,7 +132,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(folder: Path, module, optimizer, scheduler) -> int:
+def load_checkpoint(folder: Path, module, optimizer, scheduler, ema=None) -> int:
     tensors, _ = read_safetensors(folder / "trainable.safetensors", "checkpoint")
     params = dict(module.named_parameters())
     with torch.no_grad():
@@ -139,6 +141,8 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler) -> int:
     states = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(states["ema"])
     return json.loads((folder / "state.json").read_text())["step"]
 
 
@@ -208,9 +212,10 @@ def main(argv=None) -> int:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=t["weight_decay"])
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=t["warmup_steps"])
+    ema = EMAModel(params, decay=t["ema_decay"]) if t["ema_decay"] else None  # exported instead of the raw weights
     start = 0
     if args.resume and (checkpoint := latest_checkpoint(output_dir)) is not None:
-        start = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        start = load_checkpoint(checkpoint, module, optimizer, scheduler, ema)
         logger.info("resumed from %s (step %d)", checkpoint, start)
     module, optimizer = accelerator.prepare(module, optimizer)
 
@@ -235,6 +240,8 @@ def main(argv=None) -> int:
                     accelerator.clip_grad_norm_(params, t["max_grad_norm"])
                 optimizer.step()
                 optimizer.zero_grad()
+        if ema is not None:
+            ema.step(params)
         scheduler.step()
         if accelerator.is_main_process:
             kept = batch.keep_references.item() > 0  # RA terms are blank when the references were dropped
@@ -251,10 +258,12 @@ def main(argv=None) -> int:
             state = trainable_state(accelerator, module)
             if accelerator.is_main_process:
                 folder = output_dir / "checkpoints" / f"step-{step + 1:06d}"
-                save_checkpoint(folder, step + 1, state, optimizer, scheduler, cfg)
+                save_checkpoint(folder, step + 1, state, optimizer, scheduler, cfg, ema)
                 print(f"saved checkpoint step {step + 1}", flush=True)
     bar.close()
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)
     if accelerator.is_main_process:
         export(accelerator.unwrap_model(module), output_dir, cfg)
         plot_log(log_path, output_dir / "loss.png")
