@@ -6,7 +6,7 @@ from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.references import encode_references
 from ..refalign_core.sampler import SAMPLERS, UNCOND_REFERENCES, latent_shape, sample_r2v
 from ..refalign_core.text_encoder import WAN_NEGATIVE_PROMPT
-from ..refalign_core.vae import decode_latents, wan21_latent_stats
+from ..refalign_core.vae import decode_latents, latent_stats, wan21_latent_stats
 from . import runtime
 
 MAX_RESOLUTION = 8192
@@ -47,7 +47,8 @@ class RefAlignR2VSampler:
     RETURN_TYPES = ("IMAGE", "LATENT")
     RETURN_NAMES = ("frames", "latent")
     OUTPUT_TOOLTIPS = ("The video frames (connect to Create Video / Save Video).",
-                       "The video latent (Wan2.1 VAE space), for a native VAE Decode.")
+                       "The video latent in the VAE's space (Wan2.1 VAE space for the Wan VAE), for a native VAE "
+                       "Decode.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -122,6 +123,6 @@ class RefAlignR2VSampler:
             frames = native_decode(vae, latents)
         else:
             frames = decode_latents(pipe.vae, latents)[0].permute(1, 2, 3, 0).add(1).div(2).float()
-        mean, std = wan21_latent_stats()
+        mean, std = wan21_latent_stats() if vae is not None else latent_stats(pipe.vae)
         out = runtime.intermediate_device()
         return (frames.clamp(0, 1).to(out), {"samples": (latents * std + mean).to(out)})

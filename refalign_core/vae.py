@@ -125,7 +125,9 @@ def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(config["latents_mean"]).view(shape), torch.tensor(config["latents_std"]).view(shape)
 
 
-def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor):
+def latent_stats(vae: AutoencoderKLWan | ToyVideoVAE, like: torch.Tensor | None = None):
+    """A loaded VAE's own per-channel latent mean and std, `[1, C, 1, 1, 1]` each, with `like`'s dtype and device."""
+    like = like if like is not None else torch.empty(0)
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(shape)
     std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
@@ -137,7 +139,7 @@ def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     """video `[B, 3, T, H, W]` in [-1, 1] -> normalised latents `[B, 16, (T-1)/4+1, H/8, W/8]` (posterior mean)."""
     param = next(vae.parameters())
     mu = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
-    mean, std = _latent_stats(vae, mu)
+    mean, std = latent_stats(vae, mu)
     return (mu - mean) / std
 
 
@@ -146,5 +148,5 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor
     """normalised latents `[B, 16, T', h, w]` -> video `[B, 3, 4(T'-1)+1, 8h, 8w]` in [-1, 1]."""
     param = next(vae.parameters())
     latents = latents.to(param.device, param.dtype)
-    mean, std = _latent_stats(vae, latents)
+    mean, std = latent_stats(vae, latents)
     return vae.decode(latents * std + mean).sample.clamp(-1, 1)

@@ -110,6 +110,9 @@ def test_sampler_with_bundle_text_encoder_and_vae(toy):
     frames, latent = sampler.sample(model, refs(pack), **SMALL)
     assert frames.shape == (5, 64, 64, 3) and 0 <= frames.min() and frames.max() <= 1
     assert latent["samples"].shape == (1, 16, 2, 8, 8)
+    with torch.no_grad():  # the LATENT is in the bundle VAE's own (unnormalised) space
+        decoded = model.pipeline.vae.decode(latent["samples"]).sample.clamp(-1, 1)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close((decoded + 1) / 2, frames, rtol=1e-4, atol=1e-4)
     again, _ = sampler.sample(model, refs(pack), **SMALL)
     assert again.shape == frames.shape
 
