@@ -174,7 +174,8 @@ def make_toy_world(folder: str | os.PathLike, num_videos: int = 64, split: str =
         count = int(rng.integers(min_subjects, max_subjects + 1))
         picks = [pool[i] for i in rng.choice(len(pool), count, replace=False)]
         video, caption = render_video(picks, rng, frames, size)
-        write_video(video, folder / "videos" / f"{v:05d}.mp4", fps=16, crf=12)
+        # lossless: x264's lossy output varies from run to run here, lossless decodes to the same frames
+        write_video(video, folder / "videos" / f"{v:05d}.mp4", fps=16, crf=0)
         refs = []
         for k, subject in enumerate(picks):
             image, mask = reference_image(subject, rng, size)
