@@ -1,8 +1,10 @@
 """The embedded default model and the demo behind `python -m refalign_core demo`.
 
-Until the trained toy bundle ships (`models/refalign_toy/` in the repository), the embedded model is an untrained
-tiny bundle (random weights, seed 0) built once into the user's cache folder. The demo runs the full
-reference-to-video path on it: fit references on white, VAE-encode, three-pass guided sampling, decode, write."""
+The embedded model is the trained toy bundle shipped in the repository (`models/refalign_toy/`, built by
+`train/make_toy_bundle.py`). Where that folder is absent (e.g. the package installed without the repository's
+`models/`), an untrained tiny bundle (random weights, seed 0) is built once into the user's cache folder so every
+stage still runs. The demo runs the full reference-to-video path: fit references on white, VAE-encode, three-pass
+guided sampling, decode, write, and score the result with the identity check."""
 
 import json
 import os
@@ -27,7 +29,7 @@ SHIPPED_BASELINE = SHIPPED_BUNDLE.with_name("refalign_toy_baseline")  # same dat
 
 
 def embedded_bundle() -> Path:
-    """The shipped toy bundle if present, else the random tiny bundle (built on first use in the cache folder)."""
+    """The shipped toy bundle if present, else an untrained tiny bundle (built on first use in the cache folder)."""
     if (SHIPPED_BUNDLE / BUNDLE_FILE).is_file():
         return SHIPPED_BUNDLE
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refalign" / "random_tiny_bundle"

@@ -151,8 +151,13 @@ class NativeVAE:
         return ((self.vae.decode(latents).sample + 1) / 2).clamp(0, 1).movedim(1, -1)  # [1, T, H, W, 3]
 
 
-def test_sampler_with_native_conditioning_and_vae_matches_the_bundle_path(toy):
-    pack, model = toy
+def test_sampler_with_native_conditioning_and_vae_matches_the_bundle_path(comfy):
+    pack, _, root = comfy
+    from refalign_core.demo import build_random_bundle
+    loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
+    loader.INPUT_TYPES()  # registers models/refalign
+    build_random_bundle(root / "models" / "refalign" / "wan_vae_bundle")  # a Wan2.1 VAE, like ComfyUI's native one
+    model, = loader().load("bundle: wan_vae_bundle", "default", "fp32", "none")
     pipe = model.pipeline
     sampler = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]()
     positive = [[pipe.encode_prompt([SMALL["prompt"]]), {"pooled_output": None}]]

@@ -12,12 +12,16 @@ from refalign_core.pipeline import RefAlignPipeline
 ROOT = Path(__file__).parents[1]
 
 
-def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train" / "make_toy_bundle.py"), "--out", str(tmp_path / "m"),
-                             "--work", str(tmp_path / "w"), "--scale", "0.005"], capture_output=True, text=True,
+def run_recipe(out: Path) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "train" / "make_toy_bundle.py"), "--out", str(out / "m"),
+                             "--work", str(out / "w"), "--scale", "0.005"], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads((tmp_path / "m" / "refalign_toy" / "recipe.json").read_text())
+    return json.loads((out / "m" / "refalign_toy" / "recipe.json").read_text())
+
+
+def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
+    record = run_recipe(tmp_path)
     full = json.loads(json.dumps(__import__("make_toy_bundle").RECIPE))
     assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * 0.005))
     assert record["recipe"]["dit"] == full["dit"] and record["sha256"]

@@ -1,0 +1,92 @@
+"""The committed toy bundles (`models/`) are the ones `train/make_toy_bundle.py` describes, load through the core
+loader and the ComfyUI Loader node, and drive the README's demo command."""
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy_stubs
+from pack import load_pack
+from refalign_core.checkpoint import load_dit
+from refalign_core.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
+from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.toy_vae import ToyVideoVAE
+
+ROOT = Path(__file__).parents[1]
+RECORD = json.loads((SHIPPED_BUNDLE / "recipe.json").read_text())
+
+
+def test_recorded_recipe_is_the_scripts_recipe():
+    spec = importlib.util.spec_from_file_location("make_toy_bundle_script", ROOT / "train" / "make_toy_bundle.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert RECORD["recipe"] == json.loads(json.dumps(script.RECIPE))
+    assert RECORD["command"] == "python train/make_toy_bundle.py --out models"
+
+
+@pytest.mark.parametrize("name", sorted(RECORD["sha256"]))
+def test_committed_files_match_the_recorded_hashes(name):
+    assert hashlib.sha256((ROOT / "models" / name).read_bytes()).hexdigest() == RECORD["sha256"][name]
+
+
+def test_shipped_bundles_are_small_complete_and_load():
+    files = [p for folder in (SHIPPED_BUNDLE, SHIPPED_BASELINE) for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    assert {str(p.relative_to(ROOT / "models")) for p in files} - {"refalign_toy/recipe.json"} == set(RECORD["sha256"])
+    assert embedded_bundle() == SHIPPED_BUNDLE
+    pipe, baseline = RefAlignPipeline.from_bundle(SHIPPED_BUNDLE), RefAlignPipeline.from_bundle(SHIPPED_BASELINE)
+    assert isinstance(pipe.vae, ToyVideoVAE) and pipe.text_encoder is not None and baseline.vae is not None
+    a = load_dit(SHIPPED_BUNDLE / "dit.safetensors").state_dict()
+    b = load_dit(SHIPPED_BASELINE / "dit.safetensors").state_dict()
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_workflow_example_images_are_the_demo_references():
+    for image, name in zip(demo_references(), ("red_disc", "striped_square")):
+        shipped = np.array(Image.open(ROOT / "examples" / f"refalign_example_{name}.png").convert("RGB"))
+        assert np.array_equal(shipped, np.array(image)), name
+
+
+@pytest.fixture
+def pack(tmp_path):
+    comfy_stubs.install(tmp_path)
+    yield load_pack()
+    comfy_stubs.uninstall()
+
+
+def test_loader_node_offers_and_loads_both_embedded_models(pack):
+    loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
+    choices = loader.INPUT_TYPES()["required"]["model_name"][0]
+    names = (pack.nodes.loader.EMBEDDED, pack.nodes.loader.EMBEDDED_BASELINE)
+    assert choices[:2] == list(names)
+    dits = [loader().load(name, "default", "fp32", "none")[0].pipeline.dit for name in names]
+    assert not torch.equal(dits[0].blocks[0].attn1.to_q.weight, dits[1].blocks[0].attn1.to_q.weight)
+
+
+def test_readme_demo_command_runs_on_the_shipped_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "refalign_core", "demo", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("demo.mp4", "demo.webp", "contact_sheet.png", "identity.json", "identity.txt"):
+        assert (tmp_path / name).stat().st_size > 0 and str(tmp_path / name) in result.stdout
+    report = json.loads((tmp_path / "identity.json").read_text())
+    assert len(report["subjects"]) == 2
+
+
+@pytest.mark.parametrize("name", ["refalign_toy_demo", "refalign_ab_identity_comparison"])
+def test_toy_workflows_sample_with_the_shipped_defaults(name):
+    defaults = json.loads((SHIPPED_BUNDLE / "refalign_bundle.json").read_text())["defaults"]
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    samplers = [n["widgets_values"] for n in workflow["nodes"] if n["type"] == "RefAlignR2VSampler"]
+    assert samplers
+    for widgets in samplers:  # width, height, length, steps, shift, image / text guidance, sampler
+        assert widgets[2:9] + [widgets[11]] == [defaults[k] for k in ("width", "height", "num_frames", "steps", "shift",
+                                                                        "image_scale", "text_scale", "sampler")]
