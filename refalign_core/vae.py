@@ -60,20 +60,8 @@ def _vae_config(state_dict: dict, metadata: dict) -> dict:
     return config
 
 
-def _toy_vae_from_state_dict(state_dict: dict, metadata: dict, dtype, device, path) -> ToyVideoVAE:
-    with torch.device("meta"):
-        vae = ToyVideoVAE(**json.loads(metadata.get(CONFIG_METADATA_KEY, "{}")))
-    try:
-        vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise RefAlignInputError(f"{path} does not match its ToyVideoVAE config: {e}") from e
-    return vae.eval().requires_grad_(False)
-
-
-def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
-                        path="VAE") -> AutoencoderKLWan | ToyVideoVAE:
-    if (metadata or {}).get(CLASS_METADATA_KEY) == ToyVideoVAE.__name__:
-        return _toy_vae_from_state_dict(state_dict, metadata, dtype, device, path)
+def _wan_vae_state_and_config(state_dict: dict, metadata: dict, path) -> tuple[dict, dict]:
+    """Any supported Wan2.1 VAE naming -> (diffusers-named state dict, `AutoencoderKLWan` config)."""
     for prefix in VAE_PREFIXES:
         if any(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -83,18 +71,30 @@ def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype
         raise RefAlignInputError(
             f"{path} is not a Wan VAE (no encoder.conv1 / encoder.conv_in); first keys: {sorted(state_dict)[:6]}"
         )
-    config = _vae_config(state_dict, metadata or {})
+    config = _vae_config(state_dict, metadata)
     if config["z_dim"] != len(config["latents_mean"]):
         raise RefAlignInputError(
             f"{path} has {config['z_dim']} latent channels; only the 16-channel Wan2.1 VAE is supported "
             "(the 48-channel Wan2.2 VAE is not)"
         )
+    return state_dict, config
+
+
+def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
+                        path="VAE") -> AutoencoderKLWan | ToyVideoVAE:
+    metadata = metadata or {}
+    if metadata.get(CLASS_METADATA_KEY) == ToyVideoVAE.__name__:
+        vae_class, config = ToyVideoVAE, json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+    else:
+        vae_class = AutoencoderKLWan
+        state_dict, config = _wan_vae_state_and_config(state_dict, metadata, path)
     with torch.device("meta"):
-        vae = AutoencoderKLWan(**config)
+        vae = vae_class(**config)
     try:
         vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        raise RefAlignInputError(f"{path} does not match the Wan2.1 VAE layout: {e}") from e
+        layout = "Wan2.1 VAE layout" if vae_class is AutoencoderKLWan else "ToyVideoVAE config"
+        raise RefAlignInputError(f"{path} does not match the {layout}: {e}") from e
     return vae.eval().requires_grad_(False)
 
 

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -31,6 +30,7 @@ import train as trainer  # noqa: E402  (train/train.py)
 
 from refalign_core.data import load_video_clip, read_manifest  # noqa: E402
 from refalign_core.pipeline import BUNDLE_FILE  # noqa: E402
+from refalign_core.references import to_chw  # noqa: E402
 from refalign_core.tiny import tiny_text_encoder, word_tokenizer  # noqa: E402
 from refalign_core.toy_world import make_toy_world, vocabulary  # noqa: E402
 from refalign_core.toy_vae import ToyVideoVAE  # noqa: E402
@@ -62,9 +62,8 @@ def train_vae(manifest: Path, settings: dict, seed: int) -> tuple[ToyVideoVAE, f
     vae = ToyVideoVAE(block_channels=tuple(settings["block_channels"])).train()
     entries = read_manifest(manifest)
     clips = torch.stack([load_video_clip(e.video, 17, None, 64, 64) for e in entries])  # [N, 3, 17, 64, 64]
-    refs = torch.stack([torch.from_numpy(np.array(load_image(r.image).convert("RGB"))) for e in entries
-                        for r in e.references])
-    refs = (refs.permute(0, 3, 1, 2).float() / 127.5 - 1)[:, :, None]  # [R, 3, 1, 64, 64] in [-1, 1]
+    refs = torch.stack([to_chw(load_image(r.image))[0] for e in entries for r in e.references])
+    refs = (refs * 2 - 1)[:, :, None]  # [R, 3, 1, 64, 64] in [-1, 1]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings["steps"])
     generator = torch.Generator().manual_seed(seed)
