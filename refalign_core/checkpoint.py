@@ -68,13 +68,17 @@ def _is_diffusers_naming(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
 
 
+def _is_fp8_scale_key(key: str) -> bool:
+    return key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input"))
+
+
 def _dequantize_scaled_fp8(state_dict: dict) -> dict:
     """ComfyUI's `*_fp8_scaled` files store weight·(1/scale) in fp8 plus `*.scale_weight`; undo it in fp32."""
     if "scaled_fp8" not in state_dict:
         return state_dict
     out = {}
     for key, value in state_dict.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+        if _is_fp8_scale_key(key):
             continue
         scale = state_dict.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
         out[key] = value.float() * scale.float() if scale is not None else value
@@ -86,10 +90,13 @@ def _describe_unknown(keys, path) -> str:
     return f"{path} is not a Wan2.1 DiT checkpoint (no head.modulation / patch_embedding); first keys: {sample}"
 
 
-def to_original_naming(state_dict: dict, path="checkpoint") -> dict:
-    """Any supported naming -> original Wan2.1 naming, refusing I2V / VACE / non-Wan checkpoints."""
-    state_dict = _dequantize_scaled_fp8(_strip_prefix(dict(state_dict)))
-    keys = set(state_dict)
+def to_original_naming(state_dict: dict, path="checkpoint", dequantize: bool = True) -> dict:
+    """Any supported naming -> original Wan2.1 naming, refusing I2V / VACE / non-Wan checkpoints. `dequantize`:
+    turn ComfyUI `fp8_scaled` weights into plain fp32 ones (else they stay, with their scale tensors)."""
+    state_dict = _strip_prefix(dict(state_dict))
+    if dequantize:
+        state_dict = _dequantize_scaled_fp8(state_dict)
+    keys = {k for k in state_dict if not _is_fp8_scale_key(k)}
     if _is_diffusers_naming(keys):
         if any(k.startswith("vace_") for k in keys):
             raise RefAlignInputError(f"{path} is a Wan VACE checkpoint; RefAlign needs a Wan2.1 T2V DiT")
@@ -153,17 +160,17 @@ def expected_original_shapes(config: dict) -> dict[str, tuple]:
     return {diffusers_to_original_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_keys(state_dict: dict, expected: dict, path) -> None:
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+def _check_keys(shapes: dict[str, tuple], expected: dict, path) -> None:
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if shapes[k] != expected[k])
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {missing[:10]}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:10]}")
     if wrong:
-        problems.append(f"wrong shapes: {[(k, tuple(state_dict[k].shape), expected[k]) for k in wrong[:5]]}")
+        problems.append(f"wrong shapes: {[(k, shapes[k], expected[k]) for k in wrong[:5]]}")
     if problems:
         raise RefAlignInputError(f"{path} does not match a Wan2.1 T2V DiT: " + "; ".join(problems))
 
@@ -179,13 +186,22 @@ def _apply_layerwise_casting(model, weight_dtype, compute_dtype) -> None:
                 param.data = param.data.to(compute_dtype)
 
 
+def validated_original(state_dict: dict, metadata: dict | None = None, path="checkpoint",
+                       dequantize: bool = True) -> tuple[dict, dict]:
+    """(original-named state dict, `WanTransformer3DModel` config) of a Wan2.1 T2V DiT in any supported naming,
+    its key set and shapes checked (by shape only, so nothing is dequantized when `dequantize` is False)."""
+    original = to_original_naming(state_dict, path, dequantize)
+    shapes = {k: tuple(v.shape) for k, v in original.items() if not _is_fp8_scale_key(k)}
+    config = infer_dit_config(shapes, metadata, path)
+    _check_keys(shapes, expected_original_shapes(config), path)
+    return original, config
+
+
 def dit_from_state_dict(state_dict: dict, metadata: dict | None = None, *, compute_dtype=torch.float32,
                         weight_dtype=None, device="cpu", path="checkpoint") -> RefAlignTransformer3DModel:
     """Build a `RefAlignTransformer3DModel` from a state dict in any supported naming."""
     weight_dtype = weight_dtype or compute_dtype
-    original = to_original_naming(state_dict, path)
-    config = infer_dit_config(original, metadata, path)
-    _check_keys(original, expected_original_shapes(config), path)
+    original, config = validated_original(state_dict, metadata, path)
     converted = convert_wan_transformer_to_diffusers(original)
     with torch.device("meta"):
         model = RefAlignTransformer3DModel(**config)

@@ -12,6 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
+from refalign_core.errors import RefAlignInputError
+from refalign_core.lora import merge_lora
 from refalign_core.tiny import tiny_dit
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui
 
@@ -137,17 +139,20 @@ def test_comfyui_lora_export_matches_peft_when_merged():
         if "lora_B" in name:
             p.data.normal_(0, 0.1)
     exported = lora_state_dict_for_comfyui(peft_model, alpha=8)
-    for key in [k for k in exported if k.endswith(".lora_down.weight")]:
-        prefix = key[: -len(".lora_down.weight")]
-        target = prefix[len("diffusion_model."):] + ".weight"
-        scale = exported[prefix + ".alpha"] / exported[key].shape[0]
-        original[target] = original[target] + scale * exported[prefix + ".lora_up.weight"] @ exported[key]
-    merged = dit_from_state_dict(original, {"refalign.dit_config": json.dumps({"num_attention_heads": 2})})
+    merged = dit_from_state_dict(merge_lora(original, exported),
+                                 {"refalign.dit_config": json.dumps({"num_attention_heads": 2})})
+    untouched = dit_from_state_dict(merge_lora(original, exported, strength=0.0),
+                                    {"refalign.dit_config": json.dumps({"num_attention_heads": 2})})
     x, refs, text = torch.randn(1, 16, 2, 4, 6), torch.randn(1, 16, 1, 4, 6), torch.randn(1, 5, 32)
     with torch.no_grad():
         expected = peft_model(x, torch.tensor([500.0]), text, reference_latents=refs).sample
         got = merged(x, torch.tensor([500.0]), text, reference_latents=refs).sample
+        plain = untouched(x, torch.tensor([500.0]), text, reference_latents=refs).sample
+        reference = base(x, torch.tensor([500.0]), text, reference_latents=refs).sample
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(plain, reference) and not torch.allclose(got, reference, atol=1e-3)
+    with pytest.raises(RefAlignInputError, match="wrong base model"):
+        merge_lora({k: v for k, v in original.items() if not k.startswith("blocks.0.")}, exported, name="my.safetensors")
 
 
 def test_shipped_configs_use_known_keys_and_typos_are_refused(tmp_path):
@@ -159,6 +164,5 @@ def test_shipped_configs_use_known_keys_and_typos_are_refused(tmp_path):
         cfg = script.load_config(path)
         assert cfg["train"]["lr"] > 0 and "text_length" in cfg
     (tmp_path / "typo.yaml").write_text("train:\n  learning_rate: 0.1\n")
-    from refalign_core.errors import RefAlignInputError
     with pytest.raises(RefAlignInputError, match="train.learning_rate"):
         script.load_config(tmp_path / "typo.yaml")
