@@ -9,10 +9,10 @@ import transformers
 from tqdm import tqdm
 
 from .errors import RefAlignInputError
-from .pipeline import GENERATION_DEFAULTS, RefAlignPipeline
+from .pipeline import RefAlignPipeline
 from .safetensors_io import read_safetensors, write_safetensors
 from .sampler import SAMPLERS, UNCOND_REFERENCES
-from .references import encode_references, prepare_references
+from .references import Reference, encode_references, prepare_references
 from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
 from .vae import load_vae
 from .video_io import load_image, write_video
@@ -47,12 +47,22 @@ def _add_model_args(p):
     p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to bound VAE memory")
 
 
+def _references(args) -> list[Reference]:
+    """--ref images paired with their --mask files (same order)."""
+    masks = args.mask or []
+    if len(masks) > len(args.ref or []):
+        raise RefAlignInputError(f"--mask: {len(masks)} masks for {len(args.ref or [])} --ref images")
+    return [Reference(load_image(path), load_image(masks[i]).convert("L") if i < len(masks) else None, name=path)
+            for i, path in enumerate(args.ref or [])]
+
+
 def cmd_generate(args) -> None:
     pipe = _load_pipeline(args)
     options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
                                              "sampler", "seed", "uncond_references") if getattr(args, k) is not None}
     if args.frames is not None:
         options["num_frames"] = args.frames
+    settings = pipe.settings.replace(**options)
     embeds = {}
     if args.prompt_embeds:
         tensors, _ = read_safetensors(args.prompt_embeds, "--prompt-embeds")
@@ -65,20 +75,17 @@ def cmd_generate(args) -> None:
         embeds["reference_latents"] = tensors["reference_latents"]
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
-    images = [load_image(p) for p in args.ref or []]
-    masks = [load_image(p).convert("L") for p in args.mask] if args.mask else None
-    steps = args.steps or pipe.defaults["steps"]
-    with tqdm(total=steps, desc="sampling", unit="step") as bar:
-        result = pipe(args.prompt, images or None, masks=masks, negative_prompt=args.negative_prompt,
-                      callback=_progress_callback(bar), decode=bool(args.out), **embeds, **options)
+    references = _references(args)
+    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+        result = pipe(args.prompt, references or None, negative_prompt=args.negative_prompt, settings=settings,
+                      callback=_progress_callback(bar), decode=bool(args.out), **embeds)
     if args.save_latents:
         write_safetensors({"latents": result.latents}, args.save_latents)
         print(f"latents: {args.save_latents}")
     if args.out:
         if result.frames is None:
             raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
-        fps = args.fps or pipe.defaults.get("fps", GENERATION_DEFAULTS["fps"])
-        print(f"video: {write_video(result.frames, args.out, fps=fps)}")
+        print(f"video: {write_video(result.frames, args.out, fps=args.fps or pipe.fps)}")
 
 
 def cmd_encode_prompt(args) -> None:
@@ -90,8 +97,7 @@ def cmd_encode_prompt(args) -> None:
 
 def cmd_encode_references(args) -> None:
     vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
-    masks = [load_image(p).convert("L") for p in args.mask] if args.mask else None
-    fitted = prepare_references([load_image(p) for p in args.ref], args.width, args.height, masks)
+    fitted = prepare_references(_references(args), args.width, args.height)
     latents = encode_references(vae, fitted)
     write_safetensors({"reference_latents": latents}, args.out)
     print(f"reference latents {tuple(latents.shape)}: {args.out}")

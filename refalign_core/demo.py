@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .pipeline import BUNDLE_FILE, RefAlignPipeline
+from .bundles import BUNDLE_FILE
+from .pipeline import RefAlignPipeline
+from .sampler import SamplingSettings
 from .text_encoder import load_text_encoder
 from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
 from .toy_world import Subject, reference_image
 from .video_io import write_video
 
-DEMO_DEFAULTS = dict(width=64, height=64, num_frames=17, steps=12, shift=5.0, image_scale=5.0, text_scale=7.5,
-                     sampler="euler", fps=8)
+DEMO_SETTINGS = SamplingSettings(width=64, height=64, num_frames=17, steps=12)
+DEMO_FPS = 8
 
 
 SHIPPED_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "refalign_toy"
@@ -47,7 +49,7 @@ def embedded_bundle() -> Path:
 def build_random_bundle(folder: Path) -> Path:
     write_tiny_text_encoder(folder / "text_encoder")
     pipe = RefAlignPipeline(dit=tiny_dit(), vae=tiny_vae(), text_encoder=load_text_encoder(folder / "text_encoder"),
-                            defaults=DEMO_DEFAULTS)
+                            settings=DEMO_SETTINGS, fps=DEMO_FPS)
     return pipe.save_bundle(folder)
 
 
@@ -72,7 +74,7 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
     references = demo_references()
     result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
-    fps = pipe.defaults.get("fps", 16)
+    fps = pipe.fps
     paths = {
         "mp4": write_video(result.frames, out / "demo.mp4", fps=fps),
         "webp": write_video(result.frames, out / "demo.webp", fps=fps),

@@ -1,30 +1,97 @@
-"""RefAlignPipeline: DiT + (optional) VAE + (optional) umT5, from files or a bundle folder; prompt + reference
-images -> video frames. Without a VAE or text encoder it still runs from precomputed latents / embeddings."""
+"""R2V generation in one place: `generate` runs encode references → sample → decode for any denoiser (our DiT,
+or ComfyUI's native model in `nodes/`) and any VAE codec. `RefAlignPipeline` holds a DiT + (optional) VAE + (optional)
+umT5, from files or a bundle folder; without a VAE or text encoder it still runs from precomputed latents /
+embeddings."""
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
+from .bundles import DEFAULT_FPS, read_bundle, write_bundle_manifest
 from .checkpoint import load_dit, save_dit
 from .errors import RefAlignInputError
-from .references import encode_references, prepare_references
-from .sampler import sample_r2v
+from .references import MAX_REFERENCES, encode_references, prepare_references
+from .sampler import SamplingSettings, sample_r2v
 from .text_encoder import WAN_NEGATIVE_PROMPT, TextEncoder, encode_prompts, load_text_encoder
-from .vae import decode_latents, load_vae, save_vae
-
-BUNDLE_FILE = "refalign_bundle.json"
-GENERATION_DEFAULTS = dict(width=832, height=480, num_frames=81, steps=50, shift=5.0, image_scale=5.0,
-                           text_scale=7.5, sampler="euler", fps=16)
+from .vae import decode_latents, latent_stats, load_vae, save_vae
 
 
 @dataclass
 class GenerationResult:
-    latents: torch.Tensor  # [1, 16, T', H/8, W/8]
+    latents: torch.Tensor  # [1, 16, T', H/8, W/8] in the DiT's (normalised) latent space
     frames: torch.Tensor | None  # [F, H, W, 3] in [0,1] (ComfyUI IMAGE layout), None without a VAE
     references: torch.Tensor | None  # [K, 3, H, W] the fitted, white-padded references, if images were given
+
+
+class Denoiser(Protocol):
+    """(text, reference latents `[1,C,K,h,w]`, settings) -> video latents `[1,C,T',h,w]`, both in DiT space."""
+
+    def __call__(self, text: Any, reference_latents: torch.Tensor, settings: SamplingSettings, *,
+                 callback: Callable | None = None, cancel_check: Callable | None = None) -> torch.Tensor: ...
+
+
+class VideoCodec(Protocol):
+    """The VAE side of generation, in the DiT's normalised latent space."""
+
+    def encode_references(self, fitted: torch.Tensor) -> torch.Tensor: ...  # [K,3,H,W] in [0,1] -> [1,C,K,h,w]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # [1,C,T',h,w] -> frames [F,H,W,3] in [0,1]
+
+    def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor: ...  # DiT space -> the VAE's own latent space
+
+
+@dataclass
+class DiTDenoiser:
+    """Our reference DiT sampled by `sample_r2v`; text is `(prompt_embeds, negative_prompt_embeds)`."""
+
+    dit: torch.nn.Module
+    batch_passes: bool = True
+
+    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
+        prompt_embeds, negative_embeds = text
+        return sample_r2v(self.dit, prompt_embeds, negative_embeds, reference_latents, settings,
+                          batch_passes=self.batch_passes, callback=callback, cancel_check=cancel_check)
+
+
+@dataclass
+class VAECodec:
+    """A core VAE (`AutoencoderKLWan` or the toy VAE) with its own latent mean / std."""
+
+    vae: torch.nn.Module
+
+    def encode_references(self, fitted: torch.Tensor) -> torch.Tensor:
+        return encode_references(self.vae, fitted)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        video = decode_latents(self.vae, latents)  # [1, 3, F, H, W] in [-1, 1]
+        return video[0].permute(1, 2, 3, 0).add(1).div(2).float().cpu()
+
+    def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = latent_stats(self.vae, latents)
+        return latents * std + mean
+
+
+def generate(denoiser: Denoiser, codec: VideoCodec | None, text, settings: SamplingSettings, *, references=None,
+             reference_latents: torch.Tensor | None = None, callback=None, cancel_check=None,
+             decode: bool = True) -> GenerationResult:
+    """Fit the references on white and encode each alone (unless `reference_latents` are given), sample, decode.
+
+    references: `Reference`s or images (1–4); text: whatever the denoiser takes (embeddings for our DiT,
+    CONDITIONING for ComfyUI's model)."""
+    fitted = None
+    if reference_latents is None:
+        if references is None:
+            raise RefAlignInputError("references: give reference images or reference latents")
+        if codec is None:
+            raise RefAlignInputError("references: this model has no VAE; pass reference latents instead")
+        fitted = prepare_references(references, settings.width, settings.height, max_references=MAX_REFERENCES)
+        reference_latents = codec.encode_references(fitted)
+    latents = denoiser(text, reference_latents, settings, callback=callback, cancel_check=cancel_check)
+    frames = codec.decode(latents) if decode and codec is not None else None
+    return GenerationResult(latents=latents, frames=frames, references=fitted)
 
 
 @dataclass
@@ -32,11 +99,13 @@ class RefAlignPipeline:
     dit: torch.nn.Module
     vae: torch.nn.Module | None = None
     text_encoder: TextEncoder | None = None
-    defaults: dict = field(default_factory=lambda: dict(GENERATION_DEFAULTS))
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    fps: float = DEFAULT_FPS
 
     @classmethod
     def from_files(cls, dit, vae=None, text_encoder=None, *, compute_dtype=torch.float32, weight_dtype=None,
-                   device="cpu", vae_tiling=False, defaults=None) -> "RefAlignPipeline":
+                   device="cpu", vae_tiling=False, settings: SamplingSettings | None = None,
+                   fps: float = DEFAULT_FPS) -> "RefAlignPipeline":
         """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory."""
         vae_model = load_vae(vae, dtype=compute_dtype, device=device) if vae else None
         if vae_model is not None and vae_tiling:
@@ -48,37 +117,27 @@ class RefAlignPipeline:
             dit=load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device),
             vae=vae_model,
             text_encoder=load_text_encoder(text_encoder, dtype=compute_dtype, device=device) if text_encoder else None,
-            defaults={**GENERATION_DEFAULTS, **(defaults or {})},
+            settings=settings or SamplingSettings(), fps=fps,
         )
 
     @classmethod
     def from_bundle(cls, folder: str | os.PathLike, **kwargs) -> "RefAlignPipeline":
-        """A bundle folder: `refalign_bundle.json` naming the DiT, VAE and text-encoder paths (relative to it) and
-        generation defaults for the model."""
-        folder = Path(folder)
-        manifest_path = folder / BUNDLE_FILE
-        if not manifest_path.is_file():
-            raise RefAlignInputError(f"bundle: {folder} has no {BUNDLE_FILE}")
-        manifest = json.loads(manifest_path.read_text())
-        paths = {k: folder / manifest[k] if manifest.get(k) else None for k in ("dit", "vae", "text_encoder")}
-        if paths["dit"] is None:
-            raise RefAlignInputError(f"bundle: {manifest_path} names no 'dit'")
-        return cls.from_files(paths["dit"], paths["vae"], paths["text_encoder"],
-                              defaults=manifest.get("defaults"), **kwargs)
+        """A bundle folder (see `bundles.py`): its DiT, VAE, text encoder and generation defaults."""
+        bundle = read_bundle(folder)
+        return cls.from_files(bundle.dit, bundle.vae, bundle.text_encoder, settings=bundle.settings, fps=bundle.fps,
+                              **kwargs)
 
     def save_bundle(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_dit(self.dit, folder / "dit.safetensors")
-        manifest = {"format": "refalign-bundle", "version": 1, "dit": "dit.safetensors", "defaults": self.defaults}
         if self.vae is not None:
             save_vae(self.vae, folder / "vae.safetensors")
-            manifest["vae"] = "vae.safetensors"
         if self.text_encoder is not None:
             self.text_encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
             self.text_encoder.tokenizer.save_pretrained(folder / "text_encoder")
-            manifest["text_encoder"] = "text_encoder"
-        (folder / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1))
+        write_bundle_manifest(folder, self.settings, self.fps, vae=self.vae is not None,
+                              text_encoder=self.text_encoder is not None)
         return folder
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -86,21 +145,10 @@ class RefAlignPipeline:
             raise RefAlignInputError("prompt: this model has no text encoder; pass prompt embeddings instead")
         return encode_prompts(self.text_encoder, prompts)
 
-    def prepare_references(self, images, width: int, height: int, masks=None):
-        """images -> (fitted references `[K,3,H,W]` in [0,1], latents `[1,16,K,H/8,W/8]`)."""
-        if self.vae is None:
-            raise RefAlignInputError("references: this model has no VAE; pass reference latents instead")
-        fitted = prepare_references(images, width, height, masks)
-        return fitted, encode_references(self.vae, fitted)
-
-    def __call__(self, prompt: str | None = None, references=None, *, masks=None, negative_prompt=WAN_NEGATIVE_PROMPT,
-                 prompt_embeds=None, negative_prompt_embeds=None, reference_latents=None, decode: bool = True,
-                 **options) -> GenerationResult:
-        """Generate. `options` are `sample_r2v` keywords (width, height, num_frames, steps, shift, image_scale,
-        text_scale, sampler, seed, uncond_references, batch_passes, callback, cancel_check); missing ones come from
-        the model's defaults."""
-        settings = {k: v for k, v in self.defaults.items() if k != "fps"}
-        settings.update(options)
+    def encode_text(self, prompt=None, negative_prompt=WAN_NEGATIVE_PROMPT, prompt_embeds=None,
+                    negative_prompt_embeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, negative) embeddings `[1, L, text_dim]` each, from text (one text-encoder call) or as given; a
+        missing negative without a text encoder is all zeros."""
         if prompt_embeds is None:
             if prompt is None:
                 raise RefAlignInputError("prompt: give a prompt or prompt embeddings")
@@ -108,14 +156,16 @@ class RefAlignPipeline:
         elif negative_prompt_embeds is None:
             negative_prompt_embeds = (self.encode_prompt([negative_prompt or ""]) if self.text_encoder is not None
                                       else torch.zeros_like(prompt_embeds))
-        fitted = None
-        if reference_latents is None:
-            if references is None:
-                raise RefAlignInputError("references: give reference images or reference latents")
-            fitted, reference_latents = self.prepare_references(references, settings["width"], settings["height"], masks)
-        latents = sample_r2v(self.dit, prompt_embeds, negative_prompt_embeds, reference_latents, **settings)
-        frames = None
-        if decode and self.vae is not None:
-            video = decode_latents(self.vae, latents)  # [1, 3, F, H, W] in [-1, 1]
-            frames = video[0].permute(1, 2, 3, 0).add(1).div(2).float().cpu()
-        return GenerationResult(latents=latents, frames=frames, references=fitted)
+        return prompt_embeds, negative_prompt_embeds
+
+    def __call__(self, prompt: str | None = None, references=None, *, negative_prompt=WAN_NEGATIVE_PROMPT,
+                 prompt_embeds=None, negative_prompt_embeds=None, reference_latents=None,
+                 settings: SamplingSettings | None = None, decode: bool = True, callback=None, cancel_check=None,
+                 batch_passes: bool = True, **overrides) -> GenerationResult:
+        """Generate. references: `Reference`s or images (1–4). settings: default = the model's; `overrides` are
+        `SamplingSettings` fields (seed, steps, …) applied on top, validated."""
+        settings = (settings or self.settings).replace(**overrides)
+        text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        return generate(DiTDenoiser(self.dit, batch_passes), VAECodec(self.vae) if self.vae is not None else None,
+                        text, settings, references=references, reference_latents=reference_latents,
+                        callback=callback, cancel_check=cancel_check, decode=decode)

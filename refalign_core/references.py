@@ -1,12 +1,44 @@
 """Reference preprocessing: aspect-fit onto a white W×H canvas (never centre-crop), optional mask -> white
 background, RGBA / grayscale handled; each reference VAE-encoded on its own as a 1-frame clip."""
 
+import logging
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import kornia
 
 from .errors import RefAlignInputError
 from .vae import encode_video
+
+logger = logging.getLogger(__name__)
+
+MAX_REFERENCES = 4  # what the pack supports (the spec has no hard limit; RoPE has 1024 temporal positions)
+RECOMMENDED_MAX_REFERENCES = 3  # the released models were trained with 1-3 references
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One subject reference: the image (PIL, numpy or tensor, `[H,W,C]` or `[C,H,W]`), an optional mask (`[H,W]`,
+    1 = subject; else the image's alpha, if any) and an optional name (used in reports)."""
+
+    image: Any
+    mask: Any = None
+    name: str | None = None
+
+
+def as_references(items) -> list[Reference]:
+    """A list of `Reference`s or bare images (each becomes `Reference(image)`), or a ComfyUI IMAGE batch
+    `[K,H,W,C]` (one reference per image). One bare `[H,W,C]` tensor is refused: it would read as H references."""
+    if torch.is_tensor(items) or isinstance(items, np.ndarray):
+        if items.ndim != 4:
+            raise RefAlignInputError(f"references: a tensor of references must be a batch [K,H,W,C], got shape "
+                                     f"{tuple(items.shape)}; pass one image as a list [image]")
+        items = list(items)
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise RefAlignInputError(f"references: expected a list of images or Reference records, got {type(items).__name__}")
+    return [item if isinstance(item, Reference) else Reference(item) for item in items]
 
 
 def to_chw(image, name: str = "reference") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,20 +108,22 @@ def fit_on_white(image, width: int, height: int, mask=None, crop_to_mask: bool =
     return canvas
 
 
-def prepare_references(images, width: int, height: int, masks=None, max_references: int | None = None) -> torch.Tensor:
-    """K references -> `[K, 3, height, width]` in [0,1], each fitted on white."""
-    images = list(images)
-    if not images:
+def prepare_references(references, width: int, height: int, max_references: int | None = None) -> torch.Tensor:
+    """K references (`Reference`s or bare images) -> `[K, 3, height, width]` in [0,1], each fitted on white. More
+    than 3 is allowed (with a warning): the released models were trained with at most 3."""
+    references = as_references(references)
+    if not references:
         raise RefAlignInputError("references: at least one reference image is needed")
-    if max_references is not None and len(images) > max_references:
-        raise RefAlignInputError(f"references: at most {max_references} are supported, got {len(images)}")
+    if max_references is not None and len(references) > max_references:
+        raise RefAlignInputError(f"references: at most {max_references} are supported, got {len(references)}")
     if width % 16 or height % 16:
         raise RefAlignInputError(f"width and height must be multiples of 16, got {width}x{height}")
-    masks = list(masks) if masks is not None else [None] * len(images)
-    if len(masks) != len(images):
-        raise RefAlignInputError(f"references: {len(images)} images but {len(masks)} masks")
+    if len(references) > RECOMMENDED_MAX_REFERENCES:
+        logger.warning("%d references: the released RefAlign models were trained with at most %d; identity may "
+                       "suffer", len(references), RECOMMENDED_MAX_REFERENCES)
     return torch.stack([
-        fit_on_white(img, width, height, m, name=f"reference {i + 1}") for i, (img, m) in enumerate(zip(images, masks))
+        fit_on_white(ref.image, width, height, ref.mask, name=ref.name or f"reference {i + 1}")
+        for i, ref in enumerate(references)
     ])
 
 

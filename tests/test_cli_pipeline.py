@@ -9,7 +9,8 @@ from PIL import Image
 
 from refalign_core.__main__ import main
 from refalign_core.demo import build_random_bundle
-from refalign_core.pipeline import BUNDLE_FILE, RefAlignPipeline
+from refalign_core.bundles import BUNDLE_FILE
+from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.video_io import read_video_frames
 
 ROOT = Path(__file__).parents[1]
@@ -35,9 +36,9 @@ def test_bundle_loads_and_generates_frames(bundle):
     manifest = json.loads((bundle / BUNDLE_FILE).read_text())
     assert manifest["dit"] == "dit.safetensors" and pipe.vae is not None and pipe.text_encoder is not None
     result = pipe("a red ball", [torch.rand(20, 30, 3)], num_frames=5, steps=2)
-    d = pipe.defaults
-    assert result.frames.shape == (5, d["height"], d["width"], 3)
-    assert result.references.shape == (1, 3, d["height"], d["width"])
+    d = pipe.settings
+    assert result.frames.shape == (5, d.height, d.width, 3)
+    assert result.references.shape == (1, 3, d.height, d.width)
     assert 0 <= result.frames.min() and result.frames.max() <= 1
 
 

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.references import encode_references, fit_on_white, prepare_references
+from refalign_core.references import Reference, encode_references, fit_on_white, prepare_references
 from refalign_core.vae import encode_video
 
 
@@ -53,6 +53,22 @@ def test_bad_reference_inputs_are_refused():
         prepare_references([torch.rand(8, 8, 3)] * 5, 64, 64, max_references=4)
     with pytest.raises(RefAlignInputError, match="mask"):
         fit_on_white(torch.rand(8, 8, 3), 16, 16, mask=torch.zeros(8, 8))
+    with pytest.raises(RefAlignInputError, match="as a list"):  # one [H,W,3] image would read as H references
+        prepare_references(torch.rand(20, 30, 3), 64, 64)
+
+
+def test_reference_records_carry_their_mask_and_name(caplog):
+    image = torch.rand(20, 30, 3)
+    mask = torch.zeros(20, 30)
+    mask[5:15, 5:20] = 1
+    masked = prepare_references([Reference(image, mask, name="cup"), image], 32, 32)
+    assert masked[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0] and not torch.equal(masked[0], masked[1])
+    assert prepare_references(torch.stack([image, image]), 32, 32).shape == (2, 3, 32, 32)  # an IMAGE batch
+    with pytest.raises(RefAlignInputError, match="cup mask is empty"):
+        prepare_references([Reference(image, torch.zeros(20, 30), name="cup")], 32, 32)
+    with caplog.at_level("WARNING"):
+        prepare_references([image] * 4, 32, 32)
+    assert "trained with at most 3" in caplog.text
 
 
 def test_each_reference_is_encoded_alone_as_one_frame(vae):

@@ -67,7 +67,7 @@ def test_loader_node_offers_and_loads_both_embedded_models(pack):
     choices = loader.INPUT_TYPES()["required"]["model_name"][0]
     names = (pack.nodes.loader.EMBEDDED, pack.nodes.loader.EMBEDDED_BASELINE)
     assert choices[:2] == list(names)
-    dits = [loader().load(name, "default", "fp32", "none")[0].pipeline.dit for name in names]
+    dits = [loader().load(name, "default", "fp32", "none")[0].dit for name in names]
     assert not torch.equal(dits[0].blocks[0].attn1.to_q.weight, dits[1].blocks[0].attn1.to_q.weight)
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from refalign_core.data import read_manifest
 from refalign_core.identity import IdentitySettings, check_identity
 from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.references import Reference
 from refalign_core.toy_world import make_toy_world
 from refalign_core.video_io import load_image
 from refalign_core.vfm import load_vfm
@@ -46,7 +47,8 @@ def interval(values) -> tuple[float, float, float]:
 def score_case(pipe, entry, seed, steps, vfm):
     refs = [load_image(r.image) for r in entry.references]
     masks = [load_image(r.mask).convert("L") for r in entry.references]
-    result = pipe(entry.caption, refs, masks=masks, negative_prompt="", seed=seed, steps=steps)
+    result = pipe(entry.caption, [Reference(image, mask) for image, mask in zip(refs, masks)], negative_prompt="",
+                  seed=seed, steps=steps)
     report = check_identity(refs, result.frames, vfm, masks=masks, names=[r.subject for r in entry.references],
                             settings=IdentitySettings(sample_frames=17))
     return {"identity": report.overall, "confusion": float(bool(report.confusion_flags)),
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for name, folder in models.items():
         pipe = RefAlignPipeline.from_bundle(folder)
-        steps = args.steps or pipe.defaults["steps"]
+        steps = args.steps or pipe.settings.steps
         scores[name] = [[score_case(pipe, e, seed, steps, vfm) for seed in range(args.seeds)]
                         for e in tqdm(entries, desc=name, unit="case")]
     per_case = {name: {m: [float(np.mean([s[m] for s in case])) for case in cases] for m in METRICS}

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train as trainer  # noqa: E402  (train/train.py)
 
 from refalign_core.data import load_video_clip, read_manifest  # noqa: E402
-from refalign_core.pipeline import BUNDLE_FILE  # noqa: E402
+from refalign_core.bundles import BUNDLE_FILE  # noqa: E402
 from refalign_core.references import to_chw  # noqa: E402
 from refalign_core.tiny import tiny_text_encoder, word_tokenizer  # noqa: E402
 from refalign_core.toy_world import make_toy_world, vocabulary  # noqa: E402
