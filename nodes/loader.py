@@ -1,12 +1,21 @@
-"""RefAlign Loader: a DiT file (or a bundle folder with VAE + text encoder) -> REFALIGN_MODEL."""
+"""RefAlign Loader: a DiT file (or a bundle folder with VAE + text encoder) -> REFALIGN_MODEL and a native MODEL.
 
-from dataclasses import dataclass
+Inside ComfyUI (offload `comfy_managed`) the DiT is loaded by ComfyUI as its own Wan2.1 model with the RefAlign
+patch, so ComfyUI's memory manager, fp8 handling, weight offload and MODEL patches (LoRA loaders, …) apply; with
+`block_swap` / `none`, or outside ComfyUI, it is our reference DiT (`refalign_core`)."""
+
+from dataclasses import dataclass, field
 
 import torch
 
+from ..refalign_core.bundles import BUNDLE_FILE, read_bundle
+from ..refalign_core.checkpoint import load_dit
 from ..refalign_core.demo import SHIPPED_BASELINE, embedded_bundle
-from ..refalign_core.pipeline import BUNDLE_FILE
-from ..refalign_core.pipeline import RefAlignPipeline
+from ..refalign_core.errors import RefAlignInputError
+from ..refalign_core.pipeline import DiTDenoiser, VAECodec
+from ..refalign_core.sampler import SamplingSettings
+from ..refalign_core.text_encoder import TextEncoder, encode_prompts, load_text_encoder
+from ..refalign_core.vae import load_vae
 from . import runtime
 
 EMBEDDED = "embedded toy model (CPU demo)"
@@ -18,17 +27,59 @@ OFFLOAD = ["comfy_managed", "block_swap", "none"]
 
 
 @dataclass
+class ManagedCodec:
+    """A core VAE codec whose VAE ComfyUI's memory manager loads right before each use (not pinned to the GPU)."""
+
+    codec: VAECodec
+    patcher: object | None
+
+    def encode_references(self, fitted):
+        runtime.load_to_device(self.patcher)
+        return self.codec.encode_references(fitted)
+
+    def decode(self, latents):
+        runtime.load_to_device(self.patcher)
+        return self.codec.decode(latents)
+
+    def to_vae_space(self, latents):
+        return self.codec.to_vae_space(latents)
+
+
+@dataclass
 class RefAlignModel:
-    """What flows along a REFALIGN_MODEL link."""
+    """What flows along a REFALIGN_MODEL link: the DiT (a RefAlign-patched native ComfyUI MODEL, or our DiT), a
+    bundle's VAE and text encoder (core modules, managed by ComfyUI when it runs), and the model's defaults."""
 
-    pipeline: RefAlignPipeline
-    device: torch.device
-    patcher: object | None = None  # ComfyUI ModelPatcher over the DiT, when managed by ComfyUI
-    name: str = ""
+    name: str
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    fps: float = 16.0
+    native: object | None = None  # ComfyUI ModelPatcher over model_base.WAN21, RefAlign-patched
+    dit: torch.nn.Module | None = None  # our RefAlignTransformer3DModel otherwise
+    vae: torch.nn.Module | None = None
+    text_encoder: TextEncoder | None = None
+    patchers: dict = field(default_factory=dict)  # "dit" / "vae" / "text_encoder" -> ComfyUI ModelPatcher
 
-    def load(self, memory_required: int = 0) -> None:
-        """Put the DiT on its device (through ComfyUI's memory manager when managed, evicting other models)."""
-        runtime.load_to_device(self.patcher, memory_required)
+    @property
+    def in_channels(self) -> int:
+        return self.native.model.diffusion_model.in_dim if self.native is not None else self.dit.config.in_channels
+
+    @property
+    def text_dim(self) -> int:
+        return self.native.model.diffusion_model.text_dim if self.native is not None else self.dit.config.text_dim
+
+    def denoiser(self):
+        if self.native is not None:
+            from .native import NativeDenoiser
+            return NativeDenoiser(self.native)
+        runtime.load_to_device(self.patchers.get("dit"))
+        return DiTDenoiser(self.dit)
+
+    def codec(self) -> ManagedCodec | None:
+        return ManagedCodec(VAECodec(self.vae), self.patchers.get("vae")) if self.vae is not None else None
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        runtime.load_to_device(self.patchers.get("text_encoder"))
+        return encode_prompts(self.text_encoder, prompts)
 
 
 def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -39,43 +90,84 @@ def resolve_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32  # bf16 math is 10–500x slower on CPUs
 
 
+def _manage(model: RefAlignModel, part: str, module, device) -> None:
+    """Hand a core module to ComfyUI's memory manager (kept on the offload device until used), or put it on the
+    device outside ComfyUI."""
+    patcher = runtime.managed_patcher(module, device, torch.device("cpu"))
+    if patcher is None:
+        module.to(device)
+    else:
+        model.patchers[part] = patcher
+
+
 def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offload: str) -> RefAlignModel:
     device = runtime.torch_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
-    kwargs = dict(compute_dtype=dtype, weight_dtype=WEIGHT_DTYPES[weight_dtype], device="cpu")
     bundles = runtime.bundle_folders()
-    if name == EMBEDDED:
-        pipeline = RefAlignPipeline.from_bundle(embedded_bundle(), **kwargs)
-    elif name == EMBEDDED_BASELINE:
-        pipeline = RefAlignPipeline.from_bundle(SHIPPED_BASELINE, **kwargs)
-    elif name in bundles:
-        pipeline = RefAlignPipeline.from_bundle(bundles[name], **kwargs)
+    folder = {EMBEDDED: embedded_bundle, EMBEDDED_BASELINE: lambda: SHIPPED_BASELINE}.get(name)
+    bundle = read_bundle(folder() if folder else bundles[name]) if folder or name in bundles else None
+    dit_path = bundle.dit if bundle else runtime.model_path(name)
+    model = RefAlignModel(name=name)
+    if bundle:
+        model.settings, model.fps = bundle.settings, bundle.fps
+    if offload == "comfy_managed" and runtime.native_available():
+        from .native import BUNDLE_ATTACHMENT, load_native_dit
+        model.native = load_native_dit(dit_path, WEIGHT_DTYPES[weight_dtype], COMPUTE_DTYPES[compute_dtype])
+        model.native.set_attachments(BUNDLE_ATTACHMENT, model)
     else:
-        pipeline = RefAlignPipeline.from_files(runtime.model_path(name), **kwargs)
-    model = RefAlignModel(pipeline=pipeline, device=device, name=name)
-    if offload == "block_swap" and device.type == "cuda":
-        # diffusers group offloading: weights stay on the CPU and stream to the GPU one block at a time
-        pipeline.dit.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-    elif offload == "comfy_managed":
-        model.patcher = runtime.managed_patcher(pipeline.dit, device, torch.device("cpu"))
-    if model.patcher is None and offload != "block_swap":
-        pipeline.dit.to(device)
-    for part in (pipeline.vae, pipeline.text_encoder.model if pipeline.text_encoder else None):
-        if part is not None:
-            part.to(device)
+        model.dit = load_dit(dit_path, compute_dtype=dtype, weight_dtype=WEIGHT_DTYPES[weight_dtype], device="cpu")
+        if offload == "block_swap" and device.type == "cuda":
+            # diffusers group offloading: weights stay on the CPU and stream to the GPU one block at a time
+            model.dit.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                           offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        elif offload == "comfy_managed":
+            _manage(model, "dit", model.dit, device)
+        elif offload == "none":
+            model.dit.to(device)
+    if bundle and bundle.vae:
+        model.vae = load_vae(bundle.vae, dtype=dtype)
+        _manage(model, "vae", model.vae, device)
+    if bundle and bundle.text_encoder:
+        model.text_encoder = load_text_encoder(bundle.text_encoder, dtype=dtype)
+        _manage(model, "text_encoder", model.text_encoder.model, device)
     return model
+
+
+def refalign_model_of(model) -> RefAlignModel:
+    """A REFALIGN_MODEL as is, or a native MODEL (RefAlign-patched) seen as one: its bundle's VAE and text encoder
+    when it came from this Loader."""
+    if model is None:
+        raise RefAlignInputError("model: no model (the Loader's MODEL output exists only with offload "
+                                 "comfy_managed inside ComfyUI)")
+    if not hasattr(model, "get_attachment"):  # not a ModelPatcher: a REFALIGN_MODEL
+        return model
+    from .native import BUNDLE_ATTACHMENT, is_patched
+    if not is_patched(model):
+        raise RefAlignInputError("model: this MODEL has no RefAlign patch; connect it through RefAlign Model Patch "
+                                 "(without it the references would also pass through text cross-attention, as in "
+                                 "Phantom)")
+    source = model.get_attachment(BUNDLE_ATTACHMENT)
+    if source is None:
+        return RefAlignModel(name="MODEL", native=model)
+    parts = {k: v for k, v in source.patchers.items() if k != "dit"}
+    return RefAlignModel(name=source.name, settings=source.settings, fps=source.fps, native=model, vae=source.vae,
+                         text_encoder=source.text_encoder, patchers=parts)
 
 
 class RefAlignLoader:
     DESCRIPTION = ("Loads a RefAlign / Wan2.1-T2V DiT (original, ComfyUI or diffusers key names; fp32, bf16, fp16 or "
                    "fp8 weights) from models/refalign or models/diffusion_models, or a bundle folder with its own VAE "
-                   "and text encoder (such as the embedded toy model, which runs on CPU without downloads).")
+                   "and text encoder (such as the embedded toy model, which runs on CPU without downloads). Inside "
+                   "ComfyUI the DiT is a native ComfyUI model with the RefAlign patch, also given as MODEL for LoRA "
+                   "loaders and other model patches.")
     CATEGORY = "RefAlign"
     FUNCTION = "load"
-    RETURN_TYPES = ("REFALIGN_MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The RefAlign model (DiT, plus VAE and text encoder when it is a bundle).",)
+    RETURN_TYPES = ("REFALIGN_MODEL", "MODEL")
+    RETURN_NAMES = ("model", "native_model")
+    OUTPUT_TOOLTIPS = ("The RefAlign model (DiT, plus VAE and text encoder when it is a bundle).",
+                       "The same DiT as a native ComfyUI MODEL with the RefAlign patch (offload comfy_managed): "
+                       "chain LoRA loaders / model patches, then the R2V Sampler, which still finds the bundle's "
+                       "VAE and text encoder.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -87,16 +179,19 @@ class RefAlignLoader:
                                                 "(e.g. RefAlign-1.3B), a bundle folder in models/refalign, or the "
                                                 "embedded toy model."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the DiT weights are kept in "
-                             "memory. fp8 halves memory again; 'default' keeps them in the compute dtype."}),
+                             "memory. fp8 halves memory again; 'default': ComfyUI's choice (native), else the compute "
+                             "dtype."}),
             "compute_dtype": (list(COMPUTE_DTYPES), {"default": "auto", "tooltip": "The dtype the DiT computes in. "
-                              "auto: fp32 on CPU, bf16 (or fp16) on GPU."}),
-            "offload": (OFFLOAD, {"default": "comfy_managed", "tooltip": "comfy_managed: ComfyUI loads the DiT to "
-                        "the GPU when sampling and evicts other models; block_swap: weights stay in CPU memory and "
-                        "stream to the GPU block by block (lowest VRAM, slower); none: keep it on the device."}),
+                              "auto: ComfyUI's choice (native) / fp32 on CPU, bf16 (or fp16) on GPU."}),
+            "offload": (OFFLOAD, {"default": "comfy_managed", "tooltip": "comfy_managed: a native ComfyUI model that "
+                        "ComfyUI's memory manager loads, offloads and patches (LoRA via native_model); block_swap: "
+                        "our reference DiT with weights in CPU memory, streamed to the GPU block by block (lowest "
+                        "VRAM, slower); none: our reference DiT kept on the device."}),
         }}
 
     def load(self, model_name, weight_dtype, compute_dtype, offload):
-        return (load_refalign_model(model_name, weight_dtype, compute_dtype, offload),)
+        model = load_refalign_model(model_name, weight_dtype, compute_dtype, offload)
+        return (model, model.native)
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name, weight_dtype, compute_dtype, offload):

@@ -5,25 +5,31 @@ from dataclasses import dataclass, field
 import torch
 
 from ..refalign_core.errors import RefAlignInputError
-from ..refalign_core.references import prepare_references
-
-MAX_REFERENCES = 4
+from ..refalign_core.references import MAX_REFERENCES, Reference, prepare_references
 
 
 @dataclass
 class ReferenceSet:
-    """What flows along a REFALIGN_REFS link: the original subject images and masks; fitted at the sampler's size."""
+    """What flows along a REFALIGN_REFS link: the subjects (image `[H, W, C]` in [0, 1], optional mask, name),
+    fitted at the sampler's size."""
 
-    images: list[torch.Tensor]  # each [H, W, C] in [0, 1]
-    masks: list[torch.Tensor | None] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[torch.Tensor]:
+        return [r.image for r in self.references]
+
+    @property
+    def masks(self) -> list[torch.Tensor | None]:
+        return [r.mask for r in self.references]
 
     def fitted(self, width: int, height: int) -> torch.Tensor:
         """`[K, 3, height, width]` aspect-fitted on white (masked backgrounds whitened)."""
-        return prepare_references(self.images, width, height, self.masks, max_references=MAX_REFERENCES)
+        return prepare_references(self.references, width, height, max_references=MAX_REFERENCES)
 
 
 def collect_references(images, masks) -> ReferenceSet:
-    subjects, subject_masks = [], []
+    subjects = []
     for slot, (batch, mask) in enumerate(zip(images, masks), start=1):
         if batch is None:
             if mask is not None:
@@ -36,14 +42,14 @@ def collect_references(images, masks) -> ReferenceSet:
                     f"mask_{slot} has shape {tuple(mask.shape)}; expected [1 or {batch.shape[0]}, "
                     f"{batch.shape[1]}, {batch.shape[2]}] to match image_{slot}")
         for i, image in enumerate(batch):
-            subjects.append(image)
-            subject_masks.append(None if mask is None else mask[min(i, mask.shape[0] - 1)])
+            subjects.append(Reference(image, None if mask is None else mask[min(i, mask.shape[0] - 1)],
+                                      name=f"subject {len(subjects) + 1}"))
     if not subjects:
         raise RefAlignInputError("no references: connect at least one subject image (image_1 … image_4)")
     if len(subjects) > MAX_REFERENCES:
         raise RefAlignInputError(f"{len(subjects)} references: at most {MAX_REFERENCES} are supported (≤ 3 "
                                  "recommended); image inputs that are batches count one reference per image")
-    return ReferenceSet(subjects, subject_masks)
+    return ReferenceSet(subjects)
 
 
 class RefAlignMultiSubjectReference:

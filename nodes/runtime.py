@@ -3,11 +3,25 @@ ComfyUI. Outside ComfyUI they fall back to plain CPU behaviour."""
 
 import os
 
+from ..refalign_core.bundles import BUNDLE_FILE
+
 
 def comfy_available() -> bool:
     import importlib
     try:
         for name in ("folder_paths", "comfy.model_management"):
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def native_available() -> bool:
+    """ComfyUI's own model and sampling machinery (not just the helpers) is importable: the native path applies."""
+    import importlib
+    try:
+        for name in ("comfy.model_base", "comfy.samplers", "comfy.ldm.wan.model", "comfy.patcher_extension",
+                     "node_helpers", "latent_preview"):
             importlib.import_module(name)
     except ImportError:
         return False
@@ -71,6 +85,7 @@ def model_files() -> list[str]:
     if not comfy_available():
         return []
     import folder_paths
+    register_model_folder()
     files = set(folder_paths.get_filename_list("refalign"))
     files |= set(folder_paths.get_filename_list("diffusion_models"))
     return sorted(f for f in files if f.endswith(".safetensors") or f.endswith(".index.json"))
@@ -78,6 +93,7 @@ def model_files() -> list[str]:
 
 def model_path(name: str) -> str:
     import folder_paths
+    register_model_folder()
     for key in ("refalign", "diffusion_models"):
         path = folder_paths.get_full_path(key, name)
         if path:
@@ -90,20 +106,22 @@ def bundle_folders() -> dict[str, str]:
     if not comfy_available():
         return {}
     import folder_paths
+    register_model_folder()
     found = {}
     for root in folder_paths.get_folder_paths("refalign"):
         if os.path.isdir(root):
             for entry in sorted(os.listdir(root)):
-                if os.path.isfile(os.path.join(root, entry, "refalign_bundle.json")):
+                if os.path.isfile(os.path.join(root, entry, BUNDLE_FILE)):
                     found[f"bundle: {entry}"] = os.path.join(root, entry)
     return found
 
 
 def managed_patcher(module, load_device, offload_device):
-    """Wrap a torch module in ComfyUI's ModelPatcher so `load_models_gpu` can load it and evict other models.
+    """Wrap a torch module (our DiT, a bundle's VAE or umT5) in ComfyUI's ModelPatcher so `load_models_gpu` loads it
+    when it is used and evicts it (or other models) when memory is short.
 
     The patcher writes bookkeeping attributes (`device`, `model_lowvram`, …) onto the model it manages, and a
-    diffusers model's `device` is a read-only property, so it manages a plain holder module around the DiT."""
+    diffusers model's `device` is a read-only property, so it manages a plain holder module around the module."""
     if not comfy_available():
         return None
     import torch
@@ -118,6 +136,7 @@ def managed_patcher(module, load_device, offload_device):
 
 
 def load_to_device(patcher, memory_required: int = 0) -> None:
+    """Load a managed module onto the compute device through ComfyUI's memory manager (no-op when unmanaged)."""
     if patcher is not None:
         import comfy.model_management as mm
         mm.load_models_gpu([patcher], memory_required=memory_required)

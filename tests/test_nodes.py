@@ -8,7 +8,8 @@ import torch
 import comfy_stubs
 from pack import load_pack
 
-NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck"]
+NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck",
+            "RefAlignModelPatch", "RefAlignSubjectConditioning"]
 
 
 @pytest.fixture
@@ -26,8 +27,9 @@ def toy(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the embedded bundle is built into this test's cache folder
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         pack = load_pack()
-        model, = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(pack.nodes.loader.EMBEDDED, "default", "auto",
-                                                                   "none")
+        model, native = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(pack.nodes.loader.EMBEDDED, "default",
+                                                                          "auto", "none")
+        assert native is None  # no ComfyUI here: our reference DiT
         yield pack, model
 
 
@@ -68,16 +70,19 @@ def test_loader_lists_and_loads_files_bundles_and_the_embedded_model(comfy):
     choices = loader.INPUT_TYPES()["required"]["model_name"][0]
     assert (root / "models" / "refalign").is_dir()  # models/refalign registered and created
     assert choices[0] == pack.nodes.loader.EMBEDDED and "tiny_wan.safetensors" in choices
-    model, = loader().load("tiny_wan.safetensors", "fp8_e4m3fn", "auto", "comfy_managed")
-    assert model.pipeline.vae is None and model.patcher.model.diffusion_model is model.pipeline.dit
-    assert model.pipeline.dit.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
-    model.load()
-    assert state["loaded"] == [[model.patcher]]
-    embedded, = loader().load(pack.nodes.loader.EMBEDDED, "default", "fp32", "none")
-    embedded.pipeline.save_bundle(root / "models" / "refalign" / "my_bundle")
+    model, native = loader().load("tiny_wan.safetensors", "fp8_e4m3fn", "auto", "comfy_managed")
+    assert native is None  # the stubs have no ComfyUI model machinery: our DiT under ComfyUI's memory manager
+    assert model.vae is None and model.patchers["dit"].model.diffusion_model is model.dit
+    assert model.dit.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    model.denoiser()
+    assert state["loaded"] == [[model.patchers["dit"]]]
+    embedded, _ = loader().load(pack.nodes.loader.EMBEDDED, "default", "fp32", "comfy_managed")
+    assert set(embedded.patchers) == {"dit", "vae", "text_encoder"}  # VAE and umT5 are not pinned to the device
+    pack.refalign_core.pipeline.RefAlignPipeline(embedded.dit, embedded.vae, embedded.text_encoder).save_bundle(
+        root / "models" / "refalign" / "my_bundle")
     assert "bundle: my_bundle" in loader.INPUT_TYPES()["required"]["model_name"][0]
-    bundle, = loader().load("bundle: my_bundle", "default", "auto", "none")
-    assert bundle.pipeline.text_encoder is not None and bundle.pipeline.vae is not None
+    bundle, _ = loader().load("bundle: my_bundle", "default", "auto", "none")
+    assert bundle.text_encoder is not None and bundle.vae is not None
     (root / "models" / "diffusion_models" / "not_wan.safetensors").write_bytes(
         (root / "models" / "diffusion_models" / "tiny_wan.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -111,7 +116,7 @@ def test_sampler_with_bundle_text_encoder_and_vae(toy):
     assert frames.shape == (5, 64, 64, 3) and 0 <= frames.min() and frames.max() <= 1
     assert latent["samples"].shape == (1, 16, 2, 8, 8)
     with torch.no_grad():  # the LATENT is in the bundle VAE's own (unnormalised) space
-        decoded = model.pipeline.vae.decode(latent["samples"]).sample.clamp(-1, 1)[0].permute(1, 2, 3, 0)
+        decoded = model.vae.decode(latent["samples"]).sample.clamp(-1, 1)[0].permute(1, 2, 3, 0)
     torch.testing.assert_close((decoded + 1) / 2, frames, rtol=1e-4, atol=1e-4)
     again, _ = sampler.sample(model, refs(pack), **SMALL)
     assert again.shape == frames.shape
@@ -157,20 +162,19 @@ def test_sampler_with_native_conditioning_and_vae_matches_the_bundle_path(comfy)
     loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
     loader.INPUT_TYPES()  # registers models/refalign
     build_random_bundle(root / "models" / "refalign" / "wan_vae_bundle")  # a Wan2.1 VAE, like ComfyUI's native one
-    model, = loader().load("bundle: wan_vae_bundle", "default", "fp32", "none")
-    pipe = model.pipeline
+    model, _ = loader().load("bundle: wan_vae_bundle", "default", "fp32", "none")
     sampler = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]()
-    positive = [[pipe.encode_prompt([SMALL["prompt"]]), {"pooled_output": None}]]
-    negative = [[pipe.encode_prompt([""]), {}]]
+    positive = [[model.encode_prompts([SMALL["prompt"]]), {"pooled_output": None}]]
+    negative = [[model.encode_prompts([""]), {}]]
     references = refs(pack)
-    vae = NativeVAE(pipe.vae)
+    vae = NativeVAE(model.vae)
     native, latent = sampler.sample(model, references, **SMALL, positive=positive, negative=negative, vae=vae)
     bundled, latent_b = sampler.sample(model, references, **SMALL)
     assert vae.encoded == 2  # one 1-frame encode per reference
     torch.testing.assert_close(latent["samples"], latent_b["samples"], rtol=1e-4, atol=1e-4)
     assert (native - bundled).abs().max() < 0.02
     with pytest.raises(ValueError, match="latent channels"):
-        sampler.sample(model, references, **SMALL, vae=NativeVAE(pipe.vae, latent_channels=48))
+        sampler.sample(model, references, **SMALL, vae=NativeVAE(model.vae, latent_channels=48))
     with pytest.raises(ValueError, match="umT5"):
         sampler.sample(model, references, **SMALL, positive=[[torch.zeros(1, 7, 4096), {}]])
 

@@ -1,0 +1,287 @@
+"""RefAlign on ComfyUI's own Wan2.1 model: the model patch, the three-pass guider, the sampler and the native DiT
+loader. ComfyUI is imported inside the functions only.
+
+The patch. ComfyUI's `WanModel` already appends `time_dim_concat` frames after the video on the time axis, continues
+RoPE over them and crops the output to the video: RefAlign's token layout. The one difference is that RefAlign's
+reference tokens skip text cross-attention. Two pieces install that on a cloned ModelPatcher:
+
+* a `DIFFUSION_MODEL` wrapper (`count_video_tokens`) reads the video token count off the latent's shape and hands
+  it down in `transformer_options` (only when reference frames are present: without them nothing changes);
+* an object patch on every block's `cross_attn.forward` (`VideoOnlyCrossAttention`) runs the forward it wraps on
+  the leading video tokens and gives the reference tokens a zero update.
+
+Why this mechanism: object patches are undone and re-applied by ModelPatcher itself (clones, unloads, other
+patchers of the same weights), they wrap whatever forward was there before (another pack's patch included), and the
+patched module keeps its weights, so LoRA / fp8 / GGUF / lowvram weight handling applies unchanged. A
+`("double_block", i)` replacement would have to re-implement the block and would be displaced by (or displace)
+other packs' block replacements.
+"""
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..refalign_core.checkpoint import validated_original
+from ..refalign_core.errors import RefAlignInputError
+from ..refalign_core.safetensors_io import read_safetensors
+from ..refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler, run_schedule,
+                                     zero_references)
+from ..refalign_core.vae import wan21_latent_stats
+
+logger = logging.getLogger(__name__)
+
+PATCH_KEY = "refalign"  # wrapper key on the ModelPatcher
+VIDEO_TOKENS = "refalign_video_tokens"  # transformer_options key: leading tokens that are video
+BUNDLE_ATTACHMENT = "refalign_bundle"  # ModelPatcher attachment: the RefAlign model (VAE, text encoder) it came from
+GUIDANCE_CONDS = ("negative", "negative_text", "positive")  # u, c_img, c_txt
+
+
+def _cross_attention_key(index: int) -> str:
+    return f"diffusion_model.blocks.{index}.cross_attn.forward"
+
+
+class VideoOnlyCrossAttention:
+    """Object patch for `blocks.i.cross_attn.forward`: the wrapped forward runs on the leading video tokens; the
+    trailing reference tokens get a zero update. Without a video token count in `transformer_options` (no
+    references) it is the wrapped forward itself."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, x, context, *args, transformer_options=None, **kwargs):
+        transformer_options = transformer_options if transformer_options is not None else {}
+        video_tokens = transformer_options.get(VIDEO_TOKENS)
+        if video_tokens is None or video_tokens >= x.shape[1]:
+            return self.forward(x, context, *args, transformer_options=transformer_options, **kwargs)
+        video = self.forward(x[:, :video_tokens], context, *args, transformer_options=transformer_options, **kwargs)
+        return torch.nn.functional.pad(video, (0, 0, 0, x.shape[1] - video_tokens))
+
+
+def video_token_count(latent_shape, patch_size) -> int:
+    """Tokens of the video part of a `[B, C, T, H, W]` latent (Wan pads each axis up to the patch size)."""
+    return math.prod(math.ceil(n / p) for n, p in zip(latent_shape[2:], patch_size))
+
+
+def count_video_tokens(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
+                       *args, **kwargs):
+    """`WrappersMP.DIFFUSION_MODEL` wrapper around `WanModel._forward`: with reference frames present, tells the
+    cross-attention patches how many leading tokens are video."""
+    transformer_options = transformer_options if transformer_options is not None else {}
+    if time_dim_concat is not None and time_dim_concat.shape[2] > 0:
+        count = video_token_count(x.shape, executor.class_obj.patch_size)
+        transformer_options = {**transformer_options, VIDEO_TOKENS: count}
+    return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, *args, **kwargs)
+
+
+def check_wan_t2v(model) -> None:
+    """Refuse anything but a native Wan2.1 text-to-video model (WAN21 around a t2v `WanModel`)."""
+    import comfy.ldm.wan.model
+    import comfy.model_base
+
+    base = getattr(model, "model", None)
+    diffusion_model = getattr(base, "diffusion_model", None)
+    if not isinstance(base, comfy.model_base.WAN21) or type(diffusion_model) is not comfy.ldm.wan.model.WanModel \
+            or diffusion_model.model_type != "t2v" or diffusion_model.ref_conv is not None:
+        kind = f"{type(base).__name__} / {type(diffusion_model).__name__}" if base is not None else type(model).__name__
+        raise RefAlignInputError(f"model: RefAlign needs a native Wan2.1 text-to-video MODEL (e.g. RefAlign-1.3B "
+                                 f"from Load Diffusion Model); this one is {kind}")
+
+
+def install_refalign(model):
+    """A clone of the ModelPatcher `model` with RefAlign semantics (see the module docstring). Idempotent."""
+    import comfy.patcher_extension
+
+    check_wan_t2v(model)
+    patched = model.clone()
+    for index in range(len(patched.get_model_object("diffusion_model.blocks"))):
+        key = _cross_attention_key(index)
+        current = patched.get_model_object(key)
+        if not isinstance(current, VideoOnlyCrossAttention):
+            patched.add_object_patch(key, VideoOnlyCrossAttention(current))
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    patched.remove_wrappers_with_key(kind, PATCH_KEY)
+    patched.add_wrapper_with_key(kind, PATCH_KEY, count_video_tokens)
+    return patched
+
+
+def is_patched(model) -> bool:
+    """Whether `install_refalign` ran on this patcher (its wrapper survives other packs' patches on top)."""
+    import comfy.patcher_extension
+
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY))
+
+
+def subject_conditioning(positive, negative, references, uncond_references):
+    """(positive, negative_text, negative_img_text): prompt + references, negative prompt + references, negative
+    prompt + the unconditional references; latents in the model's VAE space (as `time_dim_concat`)."""
+    import node_helpers
+
+    with_references = lambda cond, latents: node_helpers.conditioning_set_values(cond, {"time_dim_concat": latents})  # noqa: E731
+    return with_references(positive, references), with_references(negative, references), \
+        with_references(negative, uncond_references)
+
+
+@functools.cache
+def guider_class():
+    import comfy.samplers
+
+    class RefAlignGuider(comfy.samplers.CFGGuider):
+        """RefAlign's three passes on ComfyUI's sampling machinery (every model patch and wrapper applies):
+        x0 = Σ w·x0_pass with the weights of v = u + s_img·(c_img − u) + s_txt·(c_txt − c_img); passes with weight 0
+        are not run. Conds: positive (c_txt), negative_text (c_img), negative (u: zeroed references)."""
+
+        def set_conds(self, positive, negative_text, negative_img_text):
+            self.inner_set_conds({"positive": positive, "negative_text": negative_text,
+                                  "negative": negative_img_text})
+
+        def set_scales(self, image_scale: float, text_scale: float):
+            self.weights = dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale)))
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            names = [name for name in GUIDANCE_CONDS if self.weights[name] != 0.0]
+            outputs = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get(n) for n in names], x,
+                                                     timestep, model_options)
+            return sum(self.weights[name] * out for name, out in zip(names, outputs))
+
+    return RefAlignGuider
+
+
+def schedule_sampler(settings: SamplingSettings, multiplier: float = 1000.0, cancel_check=None):
+    """A ComfyUI sampler (KSAMPLER) that integrates with the core's scheduler and step (`run_schedule`), so the
+    native path takes exactly the core's steps; ComfyUI's callback gets x0 for its previews. The model is evaluated
+    at the core's timestep (UniPC rounds it to an integer), given as σ = timestep / `multiplier` (the MODEL's
+    `model_sampling.multiplier`, 1000 for Wan)."""
+    import comfy.samplers
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        scheduler = make_scheduler(settings.sampler, settings.steps, settings.shift)
+        s_in = x.new_ones([x.shape[0]])
+        last = {}
+
+        def velocity(latents, timestep, sigma):
+            model_sigma = torch.as_tensor(timestep, dtype=latents.dtype, device=latents.device) / multiplier
+            last["x0"] = model(latents, model_sigma * s_in, **(extra_args or {}))
+            return (latents - last["x0"]) / model_sigma
+
+        def step_callback(step, steps, latents):
+            if callback is not None:
+                i = step - 1
+                callback({"x": latents, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": last["x0"]})
+
+        return run_schedule(scheduler, x, velocity, callback=step_callback, cancel_check=cancel_check)
+
+    return comfy.samplers.KSAMPLER(sample)
+
+
+def sample_native(model, positive, negative_text, negative_img_text, latent: torch.Tensor,
+                  settings: SamplingSettings, *, preview: bool = True, cancel_check=None) -> torch.Tensor:
+    """Sample through ComfyUI (guider, sampler, memory manager, previews) -> latents in the model's VAE space.
+    latent: `[B, 16, T', h, w]` in VAE space (zeros for text/reference-to-video)."""
+    import latent_preview
+
+    guider = guider_class()(model)
+    guider.set_conds(positive, negative_text, negative_img_text)
+    guider.set_scales(settings.image_scale, settings.text_scale)
+    sigmas = make_scheduler(settings.sampler, settings.steps, settings.shift).sigmas.float()
+    noise = initial_noise(tuple(latent.shape), settings.seed)
+    callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
+    multiplier = getattr(model.get_model_object("model_sampling"), "multiplier", 1000.0)
+    samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,
+                            callback=callback,
+                            seed=settings.seed)
+    return samples.float()
+
+
+@dataclass
+class ComfyVAECodec:
+    """A ComfyUI VAE (Wan2.1) as the core's video codec: each fitted reference `[3, H, W]` encoded alone as a
+    1-frame clip; DiT space = (z − mean) / std with the Wan2.1 statistics."""
+
+    vae: object
+
+    def encode_raw(self, fitted: torch.Tensor) -> torch.Tensor:
+        """`[K, 3, H, W]` in [0, 1] -> `[1, 16, K, H/8, W/8]` in the VAE's own space."""
+        latents = [self.vae.encode(image.permute(1, 2, 0)[None, ..., :3]) for image in fitted]  # each [1,16,1,h,w]
+        return torch.cat([latent.float().cpu() for latent in latents], dim=2)
+
+    def encode_references(self, fitted: torch.Tensor) -> torch.Tensor:
+        mean, std = wan21_latent_stats()
+        return (self.encode_raw(fitted) - mean) / std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(self.to_vae_space(latents))
+        return images.reshape(-1, *images.shape[-3:]).float().cpu()
+
+    def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = wan21_latent_stats()
+        return latents * std + mean
+
+
+def _as_conditioning(text):
+    return text if isinstance(text, list) else [[text, {}]]
+
+
+@dataclass
+class NativeDenoiser:
+    """A RefAlign-patched native MODEL as the core's `Denoiser`: latents in, latents out in DiT space (converted
+    with the model's own latent format). text: (positive, negative) CONDITIONING, or embedding tensors."""
+
+    model: object
+
+    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
+        latent_format = self.model.model.latent_format
+        positive, negative = (_as_conditioning(t) for t in text)
+        conds = subject_conditioning(
+            positive, negative, latent_format.process_out(reference_latents),
+            latent_format.process_out(zero_references(reference_latents, settings.uncond_references)))
+        latent = torch.zeros(settings.latent_shape(latent_format.latent_channels))
+        samples = sample_native(self.model, *conds, latent, settings, cancel_check=cancel_check)
+        return latent_format.process_in(samples).cpu()
+
+
+def native_config_overrides(config: dict) -> dict:
+    """`WanModel` arguments from our inferred config that ComfyUI's detection would get wrong for this file
+    (it assumes 128-wide heads, 4096-d text and a 256-d sinusoid, true for every released Wan2.1 DiT)."""
+    return {"num_heads": config["num_attention_heads"], "text_dim": config["text_dim"],
+            "freq_dim": config["freq_dim"], "eps": config["eps"]}
+
+
+def load_native_dit(path, weight_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
+                    patch: bool = True):
+    """A RefAlign / Wan2.1 T2V DiT file as a native ComfyUI MODEL (ModelPatcher over `model_base.WAN21`) with the
+    RefAlign patch (unless `patch` is False). Files ComfyUI detects correctly go through `comfy.sd.load_diffusion_model_state_dict`, others
+    (our tiny / toy models: other head counts or text widths) through ComfyUI's model config with those values set.
+    weight_dtype: storage (None = ComfyUI's choice; fp8 as UNETLoader's weight_dtype); compute_dtype: None = ComfyUI's
+    choice."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+
+    state_dict, metadata = read_safetensors(path, "DiT checkpoint")
+    state_dict, config = validated_original(state_dict, metadata, str(path), dequantize=False)
+    detected = comfy.model_detection.detect_unet_config(state_dict, "")
+    wanted = native_config_overrides(config)
+    defaults = {"text_dim": 4096}  # WanModel's default where detection leaves the key out
+    overrides = {k: v for k, v in wanted.items() if detected.get(k, defaults.get(k)) != v}
+    if not overrides:
+        model = comfy.sd.load_diffusion_model_state_dict(state_dict, {"dtype": weight_dtype} if weight_dtype else {})
+    else:
+        model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
+        model_config.unet_config.update(overrides)
+        load_device = mm.get_torch_device()
+        dtype = weight_dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
+                                              supported_dtypes=model_config.supported_inference_dtypes,
+                                              weight_dtype=comfy.utils.weight_dtype(state_dict))
+        model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                    model_config.supported_inference_dtypes))
+        base = model_config.get_model(state_dict, "").to(mm.unet_offload_device())
+        base.load_model_weights(state_dict, "")
+        model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
+    if compute_dtype is not None:
+        model.set_model_compute_dtype(compute_dtype)
+    return install_refalign(model) if patch else model

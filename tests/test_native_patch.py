@@ -1,0 +1,254 @@
+"""The RefAlign Model Patch's mechanism on a stand-in for ComfyUI's ModelPatcher and Wan model (CI has no ComfyUI;
+`tools/comfyui_parity.py` checks the same against the real one)."""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pack import load_pack
+
+DIFFUSION_MODEL = "diffusion_model"
+
+
+class Executor:
+    """Calls the wrappers in order, then the wrapped function (as ComfyUI's WrapperExecutor does)."""
+
+    def __init__(self, function, class_obj, wrappers, index=0):
+        self.function, self.class_obj, self.wrappers, self.index = function, class_obj, wrappers, index
+
+    def __call__(self, *args, **kwargs):
+        if self.index == len(self.wrappers):
+            return self.function(*args, **kwargs)
+        following = Executor(self.function, self.class_obj, self.wrappers, self.index + 1)
+        return self.wrappers[self.index](following, *args, **kwargs)
+
+
+class CrossAttention(torch.nn.Module):
+    def __init__(self, dim, text_dim):
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(dim, dim), torch.nn.Linear(text_dim, dim), torch.nn.Linear(text_dim, dim)
+
+    def forward(self, x, context, transformer_options={}, **kwargs):
+        return F.scaled_dot_product_attention(self.q(x), self.k(context), self.v(context))
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim, text_dim):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.cross_attn = CrossAttention(dim, text_dim)
+
+    def forward(self, x, context, transformer_options, video_tokens=None):
+        x = x + F.scaled_dot_product_attention(*self.qkv(x).chunk(3, dim=-1))  # mixes video and reference tokens
+        update = self.cross_attn(x, context, transformer_options=transformer_options)
+        if video_tokens is not None:  # the oracle: RefAlign's reference tokens skip text cross-attention
+            update = torch.cat([update[:, :video_tokens], torch.zeros_like(update[:, video_tokens:])], dim=1)
+        return x + update
+
+
+class WanModel(torch.nn.Module):
+    """Wan-like: reference frames appended on the time axis, tokens patchified with padding, output cropped."""
+
+    patch_size = (1, 2, 2)
+    model_type = "t2v"
+    ref_conv = None
+
+    def __init__(self, dim=16, text_dim=8, blocks=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch_embedding = torch.nn.Conv3d(4, dim, self.patch_size, self.patch_size)
+        self.blocks = torch.nn.ModuleList(Block(dim, text_dim) for _ in range(blocks))
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}):
+        wrappers = [w for ws in transformer_options.get("wrappers", {}).get(DIFFUSION_MODEL, {}).values() for w in ws]
+        return Executor(self._forward, self, wrappers)(x, timestep, context, clip_fea, time_dim_concat,
+                                                       transformer_options)
+
+    def _forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={},
+                 oracle=False):
+        pad = lambda t: F.pad(t, (0, -t.shape[4] % 2, 0, -t.shape[3] % 2))  # noqa: E731
+        x = pad(x)
+        video_tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+        if time_dim_concat is not None:
+            x = torch.cat([x, pad(time_dim_concat)], dim=2)
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = block(tokens, context, transformer_options, video_tokens if oracle else None)
+        return self.head(tokens[:, :video_tokens])
+
+
+class WAN21:
+    def __init__(self, diffusion_model):
+        self.diffusion_model = diffusion_model
+
+
+def _get_attr(obj, path):
+    for name in path.split("."):
+        obj = obj[int(name)] if name.isdigit() else getattr(obj, name)
+    return obj
+
+
+class ModelPatcher:
+    """Object patches and wrappers as ComfyUI's ModelPatcher keeps them (clones share the model)."""
+
+    def __init__(self, model):
+        self.model, self.object_patches, self.wrappers = model, {}, {}
+
+    def clone(self):
+        other = ModelPatcher(self.model)
+        other.object_patches = dict(self.object_patches)
+        other.wrappers = {kind: {k: list(v) for k, v in by_key.items()} for kind, by_key in self.wrappers.items()}
+        return other
+
+    def get_model_object(self, name):
+        return self.object_patches[name] if name in self.object_patches else _get_attr(self.model, name)
+
+    def add_object_patch(self, name, obj):
+        self.object_patches[name] = obj
+
+    def add_wrapper_with_key(self, kind, key, wrapper):
+        self.wrappers.setdefault(kind, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, kind, key):
+        self.wrappers.get(kind, {}).pop(key, None)
+
+    def get_wrappers(self, kind, key):
+        return self.wrappers.get(kind, {}).get(key, [])
+
+    def __call__(self, x, t, context, references=None):
+        """The diffusion model with this patcher's object patches applied, then removed."""
+        saved = {}
+        for name, obj in self.object_patches.items():
+            owner, attr = name.rsplit(".", 1)
+            target = _get_attr(self.model, owner)
+            saved[name] = (target, attr, target.__dict__.get(attr))
+            setattr(target, attr, obj)
+        try:
+            with torch.no_grad():
+                return self.model.diffusion_model(x, t, context, time_dim_concat=references,
+                                                  transformer_options={"wrappers": self.wrappers})
+        finally:
+            for target, attr, old in saved.values():
+                if old is None:
+                    delattr(target, attr)
+                else:
+                    setattr(target, attr, old)
+
+
+@pytest.fixture
+def native(monkeypatch):
+    modules = {name: types.ModuleType(name) for name in
+               ("comfy", "comfy.patcher_extension", "comfy.model_base", "comfy.ldm", "comfy.ldm.wan",
+                "comfy.ldm.wan.model")}
+    modules["comfy.patcher_extension"].WrappersMP = types.SimpleNamespace(DIFFUSION_MODEL=DIFFUSION_MODEL)
+    modules["comfy.model_base"].WAN21 = WAN21
+    modules["comfy.ldm.wan.model"].WanModel = WanModel
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    modules["comfy"].patcher_extension = modules["comfy.patcher_extension"]
+    modules["comfy"].model_base = modules["comfy.model_base"]
+    modules["comfy"].ldm = modules["comfy.ldm"]
+    modules["comfy.ldm"].wan = modules["comfy.ldm.wan"]
+    modules["comfy.ldm.wan"].model = modules["comfy.ldm.wan.model"]
+    return load_pack().nodes.native
+
+
+def inputs(k, height=6, width=8):
+    g = torch.Generator().manual_seed(k)
+    return (torch.randn(1, 4, 3, height, width, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 8, generator=g),
+            torch.randn(1, 4, k, height, width, generator=g) if k else None)
+
+
+def oracle(model, x, t, context, references):
+    with torch.no_grad():
+        return model.model.diffusion_model._forward(x, t, context, None, references, {}, oracle=True)
+
+
+@pytest.mark.parametrize("k, height, width", [(1, 6, 8), (2, 6, 8), (3, 5, 7)])
+def test_patched_model_gives_reference_tokens_a_zero_cross_attention_update(native, k, height, width):
+    plain = ModelPatcher(WAN21(WanModel()))
+    patched = native.install_refalign(plain)
+    x, t, context, references = inputs(k, height, width)
+    expected = oracle(patched, x, t, context, references)
+    torch.testing.assert_close(patched(x, t, context, references), expected, rtol=0, atol=1e-6)
+    assert (plain(x, t, context, references) - expected).abs().max() > 1e-3  # native alone differs: the gap closed
+    assert plain.object_patches == {} and plain.wrappers == {}  # the input MODEL is untouched (a clone was patched)
+
+
+def test_without_references_the_patched_model_is_the_plain_model_bit_for_bit(native):
+    plain = ModelPatcher(WAN21(WanModel()))
+    x, t, context, _ = inputs(0)
+    assert torch.equal(native.install_refalign(plain)(x, t, context), plain(x, t, context))
+    empty = torch.zeros(1, 4, 0, 6, 8)
+    assert torch.equal(native.install_refalign(plain)(x, t, context, empty), plain(x, t, context, empty))
+
+
+class DoubleUpdate:
+    """Another pack's object patch on the same cross-attention: wraps what was there."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        return 2 * self.forward(*args, **kwargs)
+
+
+def _add_double_update(model):
+    other = model.clone()
+    for i in range(len(other.get_model_object("diffusion_model.blocks"))):
+        key = f"diffusion_model.blocks.{i}.cross_attn.forward"
+        other.add_object_patch(key, DoubleUpdate(other.get_model_object(key)))
+    return other
+
+
+@pytest.mark.parametrize("order", ["other first", "refalign first"])
+def test_patch_composes_with_another_cross_attention_patch_in_either_order(native, order):
+    base = ModelPatcher(WAN21(WanModel()))
+    model = native.install_refalign(_add_double_update(base)) if order == "other first" \
+        else _add_double_update(native.install_refalign(base))
+    for block in base.model.diffusion_model.blocks:  # what DoubleUpdate does, on the oracle's model
+        block.cross_attn.forward = DoubleUpdate(block.cross_attn.forward)
+    x, t, context, references = inputs(2)
+    expected = oracle(base, x, t, context, references)
+    for block in base.model.diffusion_model.blocks:
+        del block.cross_attn.forward
+    torch.testing.assert_close(model(x, t, context, references), expected, rtol=0, atol=1e-6)
+    assert native.is_patched(model)
+
+
+def test_install_is_idempotent_and_refuses_a_non_wan_model(native):
+    once = native.install_refalign(ModelPatcher(WAN21(WanModel())))
+    twice = native.install_refalign(once)
+    assert native.is_patched(twice)
+    forward = twice.get_model_object("diffusion_model.blocks.0.cross_attn.forward")
+    assert not isinstance(forward.forward, native.VideoOnlyCrossAttention)  # not wrapped twice
+    assert len(twice.get_wrappers(DIFFUSION_MODEL, native.PATCH_KEY)) == 1
+    assert not native.is_patched(ModelPatcher(WAN21(WanModel())))
+    i2v = WanModel()
+    i2v.model_type = "i2v"
+    for bad in (ModelPatcher(WAN21(i2v)), ModelPatcher(object()), object()):
+        with pytest.raises(native.RefAlignInputError, match="model: RefAlign needs a native Wan2.1 text-to-video"):
+            native.install_refalign(bad)
+
+
+def test_video_token_count_follows_wan_padding(native):
+    assert native.video_token_count((1, 16, 21, 60, 104), (1, 2, 2)) == 21 * 30 * 52
+    assert native.video_token_count((1, 16, 3, 5, 7), (1, 2, 2)) == 3 * 3 * 4
+
+
+def test_video_only_cross_attention_runs_the_wrapped_forward_on_video_tokens_only(native):
+    seen = []
+
+    def forward(x, context, transformer_options=None):
+        seen.append(x.shape[1])
+        return x + context.mean()
+
+    patch = native.VideoOnlyCrossAttention(forward)
+    x, context = torch.randn(1, 10, 4), torch.randn(1, 3, 4)
+    out = patch(x, context, transformer_options={native.VIDEO_TOKENS: 6})
+    assert seen == [6] and torch.equal(out[:, :6], forward(x[:, :6], context)) and torch.equal(out[:, 6:], torch.zeros(1, 4, 4))
+    assert torch.equal(patch(x, context, transformer_options={}), forward(x, context))
