@@ -15,10 +15,16 @@ def signatures():
     return {**CORE_NODES, **pack_signatures(load_pack())}
 
 
-def test_the_four_workflows_ship():
+NATIVE = [p for p in WORKFLOWS if p.stem.startswith("refalign_native_")]
+
+
+def test_the_workflows_ship():
     names = {p.stem for p in WORKFLOWS}
     assert {"refalign_toy_demo", "refalign_1.3b_single_subject", "refalign_multi_subject",
-            "refalign_ab_identity_comparison"} <= names
+            "refalign_ab_identity_comparison", "refalign_native_1.3b_single_subject", "refalign_native_multi_subject",
+            "refalign_native_toy_demo"} <= names
+    ids = [json.loads(p.read_text())["id"] for p in WORKFLOWS]
+    assert len(set(ids)) == len(ids)  # the frontend keys open tabs by id
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -34,19 +40,56 @@ def test_workflow_is_valid(path, signatures):
     outputs = [n for n in prompt.values() if n["class_type"] in ("SaveVideo", "SaveAnimatedWEBP", "PreviewImage",
                                                                  "RefAlignIdentityCheck")]
     assert outputs, "a workflow needs an output node to run"
-    sampler = next(n for n in prompt.values() if n["class_type"] == "RefAlignR2VSampler")
-    assert isinstance(sampler["inputs"]["seed"], int) and sampler["inputs"]["sampler"] in ("euler", "unipc")
-    assert sampler["inputs"]["model"][0] in prompt
+    for node in prompt.values():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in prompt, f"{node['class_type']} is fed by a node that is not sent"
+    samplers = [n for n in prompt.values() if n["class_type"] in ("RefAlignR2VSampler", "SamplerCustomAdvanced")]
+    assert samplers
+    for sampler in samplers:
+        if sampler["class_type"] == "RefAlignR2VSampler":
+            assert isinstance(sampler["inputs"]["seed"], int) and sampler["inputs"]["sampler"] in ("euler", "unipc")
+
+
+def _upstream(prompt, node_id, name):
+    """Class types along the MODEL chain feeding input `name` of `node_id`."""
+    chain = []
+    while name in prompt[node_id]["inputs"]:
+        node_id = prompt[node_id]["inputs"][name][0]
+        chain.append(prompt[node_id]["class_type"])
+        name = "model"
+    return chain
+
+
+@pytest.mark.parametrize("path", NATIVE, ids=lambda p: p.stem)
+def test_native_workflows_run_a_patched_native_model(path, signatures):
+    workflow = json.loads(path.read_text())
+    prompt = to_api_prompt(workflow, signatures)
+    lora = [n for n in workflow["nodes"] if n["type"] == "LoraLoaderModelOnly"]
+    assert len(lora) == 1 and lora[0]["mode"] == 4  # offered, bypassed until the user picks a LoRA
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("RefAlignR2VSampler", "DualCFGGuider"):
+            chain = _upstream(prompt, node_id, "model")
+            assert chain[0] == "ModelSamplingSD3" and chain[1] == "RefAlignModelPatch", chain
+            assert chain[-1] in ("UNETLoader", "RefAlignLoader"), chain
+        if node["class_type"] == "DualCFGGuider":
+            # RefAlign's three passes: cond1 = prompt + refs, cond2 = negative + refs, negative = negative + zero refs
+            conds = [node["inputs"][k] for k in ("cond1", "cond2", "negative")]
+            assert {c[0] for c in conds} == {conds[0][0]} and [c[1] for c in conds] == [0, 1, 2]
+            assert prompt[conds[0][0]]["class_type"] == "RefAlignSubjectConditioning"
+            assert (node["inputs"]["cfg_conds"], node["inputs"]["cfg_cond2_negative"]) == (7.5, 5.0)
+            assert node["inputs"]["style"] == "regular"
 
 
 def test_real_model_workflows_name_their_model_files(signatures):
     for path in WORKFLOWS:
         workflow = json.loads(path.read_text())
         if any(n["type"] == "CLIPLoader" for n in workflow["nodes"]):
+            dit_folder = "diffusion_models" if any(n["type"] == "UNETLoader" for n in workflow["nodes"]) else "refalign"
             directories = {m["directory"] for m in workflow["models"]}
-            assert {"refalign", "text_encoders", "vae"} <= directories
+            assert {dit_folder, "text_encoders", "vae"} <= directories
             assert all(m["url"].startswith("https://") for m in workflow["models"])
-            assert any(n["type"] == "MarkdownNote" and "models/refalign" in n["widgets_values"][0]
+            assert any(n["type"] == "MarkdownNote" and f"models/{dit_folder}" in n["widgets_values"][0]
                        for n in workflow["nodes"])
 
 
@@ -65,3 +108,14 @@ def test_validator_catches_broken_workflows(signatures):
     assert any("unknown node type" in e for e in broken(lambda w, n: n.__setitem__("type", "RefAlignSamplerV2")))
     assert any("types or ends" in e for e in broken(lambda w, n: w["links"][2].__setitem__(5, "MODEL")))
     assert any("not connected" in e for e in broken(lambda w, n: n["inputs"][0].__setitem__("link", None)))
+    # the frontend's zod rules
+    assert any("id must be a UUID" in e for e in broken(lambda w, n: w.__setitem__("id", "refalign-toy-demo")))
+    assert any("id must be a UUID" in e for e in broken(lambda w, n: w.__setitem__("id", None)))
+    assert validate({**workflow, "id": "0f9a3c1e-8d7b-4b6a-9e2f-1c3d5e7f9a0b"}, signatures) == []
+    assert any("cnr_id" in e for e in broken(lambda w, n: n["properties"].__setitem__("cnr_id", "-refalign")))
+    assert any("bad 'pos'" in e for e in broken(lambda w, n: n.__setitem__("pos", [0, True])))
+    assert any("groups may be left out" in e for e in broken(lambda w, n: w.__setitem__("groups", None)))
+    assert any("absolute url" in e for e in broken(
+        lambda w, n: w.__setitem__("models", [{"name": "a", "url": "huggingface.co/a", "directory": "vae"}])))
+    # a union socket takes either type, nothing else
+    assert any("types or ends" in e for e in broken(lambda w, n: w["links"][2].__setitem__(5, "LATENT")))

@@ -3,6 +3,8 @@
 Node signatures: ours come from the pack's INPUT_TYPES; the few core nodes the workflows use are described in
 CORE_NODES (names, types and order as ComfyUI 0.3.64's /object_info reports them)."""
 
+import re
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 ANY = object()  # a combo whose options depend on the user's files
 
@@ -23,6 +25,25 @@ CORE_NODES = {
                     ("device", "COMBO", {"options": ["default", "cpu"], "optional": True})], ["CLIP"]),
     "CLIPTextEncode": ([("text", "STRING", {}), ("clip", "CLIP", {})], ["CONDITIONING"]),
     "VAELoader": ([("vae_name", "COMBO", {"options": ANY})], ["VAE"]),
+    "VAEDecode": ([("samples", "LATENT", {}), ("vae", "VAE", {})], ["IMAGE"]),
+    "UNETLoader": ([("unet_name", "COMBO", {"options": ANY}),
+                    ("weight_dtype", "COMBO", {"options": ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]})],
+                   ["MODEL"]),
+    "LoraLoaderModelOnly": ([("model", "MODEL", {}), ("lora_name", "COMBO", {"options": ANY}),
+                             ("strength_model", "FLOAT", {"min": -100.0, "max": 100.0})], ["MODEL"]),
+    "ModelSamplingSD3": ([("model", "MODEL", {}), ("shift", "FLOAT", {"min": 0.0, "max": 100.0})], ["MODEL"]),
+    "DualCFGGuider": ([("model", "MODEL", {}), ("cond1", "CONDITIONING", {}), ("cond2", "CONDITIONING", {}),
+                       ("negative", "CONDITIONING", {}), ("cfg_conds", "FLOAT", {"min": 0.0, "max": 100.0}),
+                       ("cfg_cond2_negative", "FLOAT", {"min": 0.0, "max": 100.0}),
+                       ("style", "COMBO", {"options": ["regular", "nested"]})], ["GUIDER"]),
+    "KSamplerSelect": ([("sampler_name", "COMBO", {"options": ANY})], ["SAMPLER"]),
+    "BasicScheduler": ([("model", "MODEL", {}), ("scheduler", "COMBO", {"options": ANY}),
+                        ("steps", "INT", {"min": 1, "max": 10000}), ("denoise", "FLOAT", {"min": 0.0, "max": 1.0})],
+                       ["SIGMAS"]),
+    "RandomNoise": ([("noise_seed", "INT", {"min": 0, "max": 18446744073709551615, "control_after_generate": True})],
+                    ["NOISE"]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE", {}), ("guider", "GUIDER", {}), ("sampler", "SAMPLER", {}),
+                               ("sigmas", "SIGMAS", {}), ("latent_image", "LATENT", {})], ["LATENT", "LATENT"]),
 }
 UI_ONLY = {"Note": 1, "MarkdownNote": 1}  # frontend-only nodes: one text widget, never sent to the server
 
@@ -78,9 +99,80 @@ def check_value(kind, options, value) -> str | None:
     return None
 
 
-def validate(workflow: dict, signatures: dict) -> list[str]:
-    """All problems found (empty = valid): zod 0.4 structure, node types, widgets, links, ids."""
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+CNR_ID = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9._-]*[a-zA-Z0-9])?")
+VERSION = re.compile(r"v?(\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?|[0-9a-f]{7,40}|unknown)")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _vector(value, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(_number(v) for v in value)
+
+
+def zod_errors(workflow: dict) -> list[str]:
+    """The rules the frontend's zod schema (workflow 0.4, frontend 1.27) enforces on load; a violation shows the
+    user an 'Invalid workflow against zod schema' toast."""
     errors = []
+    if "id" in workflow and not (isinstance(workflow["id"], str) and UUID.fullmatch(workflow["id"])):
+        errors.append(f"id must be a UUID, got {workflow['id']!r}")
+    if not isinstance(workflow.get("last_node_id"), (int, str)) or isinstance(workflow.get("last_node_id"), bool):
+        errors.append("last_node_id must be an integer or a string")
+    for key in ("last_link_id", "version"):
+        if not _number(workflow.get(key)):
+            errors.append(f"{key} must be a number")
+    for key in ("revision", "groups", "models", "floatingLinks", "definitions"):
+        if key in workflow and workflow[key] is None:
+            errors.append(f"{key} may be left out but not null")
+    ds = (workflow.get("extra") or {}).get("ds")
+    if ds is not None and not (_number(ds.get("scale")) and _vector(ds.get("offset"), 2)):
+        errors.append("extra.ds needs a number scale and a 2-number offset")
+    for model in workflow.get("models") or []:
+        if not all(isinstance(model.get(k), str) for k in ("name", "url", "directory")) \
+                or not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+$", model.get("url", "")):
+            errors.append(f"model entry {model} needs name, an absolute url and directory")
+    for group in workflow.get("groups") or []:
+        if not isinstance(group.get("title"), str) or not _vector(group.get("bounding"), 4):
+            errors.append(f"group {group.get('title')!r} needs a title and a 4-number bounding box")
+    for link in workflow.get("links", []):
+        if isinstance(link, list) and len(link) == 6 and (not all(_number(link[i]) for i in (0, 2, 4))
+                                                          or link[5] is None or isinstance(link[5], bool)):
+            errors.append(f"link {link}: ids and slots must be numbers, the type a string")
+    for node in workflow.get("nodes", []):
+        where = f"node {node.get('id')} ({node.get('type')})"
+        for key, ok in (("pos", _vector(node.get("pos"), 2)), ("size", _vector(node.get("size"), 2)),
+                        ("flags", isinstance(node.get("flags"), dict)), ("order", _number(node.get("order"))),
+                        ("mode", _number(node.get("mode"))), ("properties", isinstance(node.get("properties"), dict))):
+            if not ok:
+                errors.append(f"{where}: bad '{key}' {node.get(key)!r}")
+        for entry in node.get("inputs", []):
+            if not isinstance(entry.get("name"), str) or "type" not in entry or \
+                    not (entry.get("link") is None or _number(entry.get("link"))):
+                errors.append(f"{where}: input {entry} needs name, type and a numeric or null link")
+        for entry in node.get("outputs", []):
+            if not (entry.get("links") is None or isinstance(entry.get("links"), list)):
+                errors.append(f"{where}: output {entry.get('name')} links must be a list or null")
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        if "Node name for S&R" in properties and not isinstance(properties["Node name for S&R"], str):
+            errors.append(f"{where}: 'Node name for S&R' must be a string")
+        if "cnr_id" in properties and not (isinstance(properties["cnr_id"], str) and len(properties["cnr_id"]) <= 100
+                                           and CNR_ID.fullmatch(properties["cnr_id"])):
+            errors.append(f"{where}: bad cnr_id {properties['cnr_id']!r}")
+        if "ver" in properties and not (isinstance(properties["ver"], str) and VERSION.fullmatch(properties["ver"])):
+            errors.append(f"{where}: bad ver {properties['ver']!r}")
+    return errors
+
+
+def accepts(input_type: str, link_type: str) -> bool:
+    """Whether an input socket takes a link of `link_type` (sockets may list several types: 'A,B')."""
+    return link_type in input_type.split(",")
+
+
+def validate(workflow: dict, signatures: dict) -> list[str]:
+    """All problems found (empty = valid): the frontend's zod rules, node types, widgets, links, ids."""
+    errors = zod_errors(workflow)
     for key in ("last_node_id", "last_link_id", "nodes", "links", "version"):
         if key not in workflow:
             errors.append(f"missing top-level '{key}'")
@@ -148,15 +240,26 @@ def validate(workflow: dict, signatures: dict) -> list[str]:
             continue
         out_type = nodes[src]["outputs"][src_slot]["type"] if src_slot < len(nodes[src]["outputs"]) else None
         in_entry = nodes[dst]["inputs"][dst_slot] if dst_slot < len(nodes[dst]["inputs"]) else None
-        if out_type != kind or in_entry is None or in_entry["type"] != kind or in_entry.get("link") != link_id:
+        if out_type != kind or in_entry is None or not accepts(in_entry["type"], kind) or in_entry.get("link") != link_id:
             errors.append(f"link {link_id}: types or ends disagree ({out_type} -> {in_entry}, link says {kind})")
     return errors
 
 
 def to_api_prompt(workflow: dict, signatures: dict) -> dict:
     """UI workflow -> API prompt, as the frontend's graphToPrompt does: widgets by name (control values dropped),
-    links as [source id, slot], UI-only and muted / bypassed nodes left out."""
+    links as [source id, slot], UI-only and muted nodes left out, bypassed nodes passed through (a consumer of their
+    output takes their first input of the same type)."""
     links = {link[0]: link for link in workflow["links"]}
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+
+    def source(link):
+        node = nodes[link[1]]
+        if node.get("mode", 0) != 4:
+            return [str(link[1]), link[2]]
+        through = next((e for e in node.get("inputs", []) if e.get("link") is not None and accepts(e["type"], link[5])),
+                       None)
+        return source(links[through["link"]]) if through is not None else None
+
     prompt = {}
     for node in workflow["nodes"]:
         if node["type"] in UI_ONLY or node.get("mode", 0) in (2, 4):
@@ -170,8 +273,9 @@ def to_api_prompt(workflow: dict, signatures: dict) -> dict:
         values.pop("upload", None)
         for entry in node.get("inputs", []):
             if entry.get("link") is not None:
-                link = links[entry["link"]]
-                values[entry["name"]] = [str(link[1]), link[2]]
+                linked = source(links[entry["link"]])
+                if linked is not None:
+                    values[entry["name"]] = linked
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": values,
                                    "_meta": {"title": node.get("title", node["type"])}}
     return prompt
