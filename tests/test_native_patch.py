@@ -252,3 +252,78 @@ def test_video_only_cross_attention_runs_the_wrapped_forward_on_video_tokens_onl
     out = patch(x, context, transformer_options={native.VIDEO_TOKENS: 6})
     assert seen == [6] and torch.equal(out[:, :6], forward(x[:, :6], context)) and torch.equal(out[:, 6:], torch.zeros(1, 4, 4))
     assert torch.equal(patch(x, context, transformer_options={}), forward(x, context))
+
+
+class FakeWanVAE:
+    """ComfyUI-VAE-like: encode([1, H, W, 3] in [0, 1]) -> [1, 16, frames, H/8, W/8]; records what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, pixels):
+        self.calls.append(pixels.clone())
+        pooled = F.avg_pool2d(pixels.permute(0, 3, 1, 2), 8)  # [1, 3, h, w]
+        return torch.cat([pooled] * 5 + [pooled[:, :1]], dim=1)[:, :, None]
+
+
+@pytest.fixture
+def conditioning(native, monkeypatch):
+    from refalign_core.vae import wan21_latent_stats
+
+    helpers = types.ModuleType("node_helpers")
+    helpers.conditioning_set_values = lambda cond, values: [[c[0], {**c[1], **values}] for c in cond]
+    formats = types.ModuleType("comfy.latent_formats")
+    mean, std = wan21_latent_stats()
+
+    class Wan21:
+        def process_out(self, latent):
+            return latent * std + mean
+
+    formats.Wan21 = Wan21
+    monkeypatch.setitem(sys.modules, "node_helpers", helpers)
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", formats)
+    monkeypatch.setattr(sys.modules["comfy"], "latent_formats", formats, raising=False)
+    pack = sys.modules["refalign_pack"]
+    return pack, (mean, std)
+
+
+def _subjects(pack, images, size=(64, 48)):
+    inputs = {f"image_{i + 1}": image for i, image in enumerate(images)}
+    return pack.NODE_CLASS_MAPPINGS["RefAlignMultiSubjectReference"]().collect(*size, **inputs)[0]
+
+
+def test_subject_conditioning_fits_on_white_encodes_each_alone_and_zeroes_the_unconditional(conditioning, caplog):
+    pack, (mean, std) = conditioning
+    wide_red = torch.zeros(1, 20, 80, 3)
+    wide_red[..., 0] = 1.0
+    images = [wide_red, torch.rand(1, 30, 30, 3), torch.rand(1, 50, 20, 3)]
+    vae = FakeWanVAE()
+    positive, negative = [[torch.randn(1, 7, 8), {}]], [[torch.randn(1, 7, 8), {"pooled": None}]]
+    node = pack.NODE_CLASS_MAPPINGS["RefAlignSubjectConditioning"]()
+    pos, neg_text, neg_img_text, latent = node.encode(positive, negative, vae, _subjects(pack, images), 64, 48, 17, 2,
+                                                      "zeros_per_reference")
+    assert len(vae.calls) == 3 and all(call.shape == (1, 48, 64, 3) for call in vae.calls)  # one 1-frame clip each
+    first = vae.calls[0][0]
+    assert torch.equal(first[:4], torch.ones(4, 64, 3)) and first[24, 32, 1] < 0.1  # letterboxed on white, not cropped
+    references = pos[0][1]["time_dim_concat"]
+    assert references.shape == (1, 16, 3, 6, 8) and torch.equal(neg_text[0][1]["time_dim_concat"], references)
+    assert torch.equal(references[:, :, 0], vae.encode(vae.calls[0])[:, :, 0])
+    uncond = neg_img_text[0][1]["time_dim_concat"]
+    assert uncond.shape == references.shape and torch.equal((uncond - mean) / std, torch.zeros_like(uncond))
+    assert torch.equal(pos[0][0], positive[0][0]) and neg_img_text[0][1]["pooled"] is None
+    assert latent["samples"].shape == (2, 16, 5, 6, 8) and not latent["samples"].any()
+    assert "trained with at most 3" not in caplog.text
+    _, _, one_frame, _ = node.encode(positive, negative, FakeWanVAE(), _subjects(pack, images), 64, 48, 17, 1,
+                                     "one_zero_frame")
+    assert one_frame[0][1]["time_dim_concat"].shape[2] == 1
+
+
+def test_subject_conditioning_warns_above_three_references_and_refuses_bad_sizes(conditioning, caplog):
+    pack, _ = conditioning
+    node = pack.NODE_CLASS_MAPPINGS["RefAlignSubjectConditioning"]()
+    cond = [[torch.randn(1, 7, 8), {}]]
+    four = _subjects(pack, [torch.rand(1, 32, 32, 3) for _ in range(4)])
+    out = node.encode(cond, cond, FakeWanVAE(), four, 64, 48, 17, 1, "zeros_per_reference")
+    assert out[0][0][1]["time_dim_concat"].shape[2] == 4 and "trained with at most 3" in caplog.text
+    with pytest.raises(pack.nodes.native.RefAlignInputError, match="length"):
+        node.encode(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")

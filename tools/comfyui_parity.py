@@ -1,0 +1,237 @@
+"""Parity of the native ComfyUI path with our reference implementation, inside a real ComfyUI on the CPU (fp32).
+
+    python tools/comfyui_parity.py /path/to/ComfyUI [--skip-compile]
+
+1. forward: the RefAlign-patched native `WanModel` vs our `RefAlignTransformer3DModel`, same random weights saved in
+   original Wan naming, K = 0..3 references; a Wan-shaped tiny model (loaded by ComfyUI's own loader) and a
+   toy-shaped one (other head count / text width: ComfyUI's model config with those values);
+2. sampling: the embedded toy model through Loader → native MODEL → RefAlign Model Patch → ModelSamplingSD3 → R2V
+   Sampler vs the REFALIGN_MODEL path on our DiT (Loader offload `none`), same seed / steps, euler and unipc;
+   DualCFGGuider vs our guider on the same conds;
+3. LoRA: a LoRA exported by the trainer's exporter (`lora_state_dict_for_comfyui`, what train/train.py writes) loaded
+   with LoraLoaderModelOnly on the patched MODEL (and before the patch) vs our DiT with the LoRA merged;
+4. composition (reported, not part of the max): zero references = unpatched model bit for bit, TorchCompileModel,
+   EasyCache.
+
+Prints every figure; the last line is `max diff: <value>` over 1–3."""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model  # noqa: E402
+
+make_torchvision_importable()
+
+from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
+from refalign_core.demo import DEMO_PROMPT, demo_references  # noqa: E402
+from refalign_core.lora import merge_lora  # noqa: E402
+from refalign_core.tiny import tiny_dit  # noqa: E402
+from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui  # noqa: E402
+
+WAN_SHAPED = dict(num_attention_heads=2, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=512,
+                  num_layers=2)  # what ComfyUI's detection assumes: 128-wide heads, 4096-d text, 256-d sinusoid
+TOY_SHAPED = dict(num_attention_heads=2, attention_head_dim=32, text_dim=64, freq_dim=64, ffn_dim=128, num_layers=3)
+FIGURES = {}
+
+
+def report(name: str, value: float, counted: bool = True) -> None:
+    if counted:
+        FIGURES[name] = value
+    print(f"{name}: {value:.3g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
+
+
+def randomised(dit):
+    """Non-trivial weights everywhere (diffusers zero-initialises some tables)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in dit.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return dit
+
+
+def forward_inputs(dit, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 6, 8, generator=g)
+    refs = torch.randn(1, 16, k, 6, 8, generator=g) if k else None
+    return x, torch.tensor([700.0]), torch.randn(1, 12, dit.config.text_dim, generator=g), refs
+
+
+def check_forward(pack, folder: Path) -> None:
+    native = pack.nodes.native
+    for label, config in (("wan-shaped (ComfyUI's loader)", WAN_SHAPED), ("toy-shaped (config overrides)", TOY_SHAPED)):
+        dit = randomised(tiny_dit(0, **config))
+        path = folder / f"{label.split()[0]}.safetensors"
+        save_dit(dit, path)
+        plain = native.load_native_dit(path, patch=False)
+        patched = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(plain)[0]
+        for k in range(4):
+            x, t, context, refs = forward_inputs(dit, k)
+            with torch.no_grad():
+                ours = dit(x, t, context, reference_latents=refs).sample
+            got = run_diffusion_model(patched, x, t, context, refs)
+            report(f"forward {label}, K={k}: |patched native − ours|", (got - ours).abs().max().item())
+            unpatched = run_diffusion_model(plain, x, t, context, refs)
+            if k == 0:
+                report(f"  K=0: patched == unpatched native bit for bit", bool(torch.equal(got, unpatched)), False)
+            else:
+                report(f"  K={k}: |unpatched native − ours| (what the patch fixes)",
+                       (unpatched - ours).abs().max().item(), False)
+
+
+def toy_sampling(pack, sampler_name: str, model, steps=None):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    images = [torch.from_numpy(np.asarray(im.convert("RGB"))).float().div(255)[None] for im in demo_references()]
+    references = nodes["RefAlignMultiSubjectReference"]().collect(64, 64, image_1=images[0], image_2=images[1])[0]
+    defaults = json.loads((Path(pack.__file__).parent / "models" / "refalign_toy" / "refalign_bundle.json")
+                          .read_text())["defaults"]
+    return nodes["RefAlignR2VSampler"]().sample(
+        model, references, DEMO_PROMPT, "", 64, 64, defaults["num_frames"], steps or defaults["steps"],
+        defaults["shift"], defaults["image_scale"], defaults["text_scale"], 0, sampler_name, "zeros_per_reference")
+
+
+def check_sampling(pack, skip_compile: bool) -> None:
+    import comfy_extras.nodes_easycache as easycache
+    import comfy_extras.nodes_model_advanced as advanced
+    import comfy_extras.nodes_torch_compile as torch_compile
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    embedded = pack.nodes.loader.EMBEDDED
+    ours, _ = nodes["RefAlignLoader"]().load(embedded, "default", "fp32", "none")
+    _, native_model = nodes["RefAlignLoader"]().load(embedded, "default", "auto", "comfy_managed")
+    report("loader (comfy_managed) gives a native ModelPatcher", type(native_model).__name__, False)
+    patched = nodes["RefAlignModelPatch"]().patch(native_model)[0]
+    native = advanced.ModelSamplingSD3().patch(patched, 1.0)[0]
+    for sampler_name in ("euler", "unipc"):
+        start = time.perf_counter()
+        frames_a, latent_a = toy_sampling(pack, sampler_name, ours)
+        middle = time.perf_counter()
+        frames_b, latent_b = toy_sampling(pack, sampler_name, native)
+        end = time.perf_counter()
+        report(f"toy sampling ({sampler_name}): |native − REFALIGN_MODEL| latents",
+               (latent_a["samples"] - latent_b["samples"]).abs().max().item())
+        report(f"  frames |native − REFALIGN_MODEL|", (frames_a - frames_b).abs().max().item(), False)
+        report(f"  wall s: REFALIGN_MODEL {middle - start:.2f}, native {end - middle:.2f}", "", False)
+    other_shift = advanced.ModelSamplingSD3().patch(patched, 5.0)[0]
+    _, latent_c = toy_sampling(pack, "euler", other_shift)
+    _, latent_a = toy_sampling(pack, "euler", ours)
+    report("ModelSamplingSD3 shift 5 instead of 1 (the sampler's own shift widget decides): |diff|",
+           (latent_c["samples"] - latent_a["samples"]).abs().max().item(), False)
+
+    cached = easycache.EasyCacheNode.execute(patched, 0.2, 0.15, 0.95, False).result[0]
+    start = time.perf_counter()
+    _, latent_e = toy_sampling(pack, "euler", cached)
+    difference = latent_e["samples"] - latent_a["samples"]
+    report(f"EasyCache (0.2) on the patched MODEL: runs ({time.perf_counter() - start:.2f} s), latent RMSE to the "
+           f"uncached run (uncached std {latent_a['samples'].std().item():.3f})", difference.pow(2).mean().sqrt().item(),
+           False)
+    if not skip_compile:
+        compiled = torch_compile.TorchCompileModel.execute(patched, "inductor").result[0]
+        start = time.perf_counter()
+        try:
+            _, latent_t = toy_sampling(pack, "euler", compiled, steps=None)
+            report(f"TorchCompileModel (inductor, CPU) on the patched MODEL ({time.perf_counter() - start:.1f} s incl. "
+                   "compile): |diff| latents", (latent_t["samples"] - latent_a["samples"]).abs().max().item(), False)
+        except Exception as e:  # report, do not hide
+            report("TorchCompileModel (inductor, CPU) failed", f"{type(e).__name__}: {str(e)[:300]}", False)
+
+
+def check_dual_cfg(pack, folder: Path) -> None:
+    """DualCFGGuider (regular) with cfg_conds = s_txt, cfg_cond2_negative = s_img == our three-pass guider."""
+    import comfy.latent_formats
+    import comfy_extras.nodes_custom_sampler as custom
+
+    native = pack.nodes.native
+    from refalign_core.sampler import SamplingSettings, initial_noise, make_scheduler
+    model = native.load_native_dit(folder / "toy-shaped.safetensors")
+    g = torch.Generator().manual_seed(3)
+    fmt = comfy.latent_formats.Wan21()
+    refs = fmt.process_out(torch.randn(1, 16, 2, 6, 8, generator=g))
+    zeros = fmt.process_out(torch.zeros(1, 16, 2, 6, 8))
+    positive, negative = [[torch.randn(1, 12, 64, generator=g), {}]], [[torch.randn(1, 12, 64, generator=g), {}]]
+    conds = native.subject_conditioning(positive, negative, refs, zeros)
+    settings = SamplingSettings(width=64, height=48, num_frames=9, steps=4)
+    sigmas = make_scheduler("euler", 4, 5.0).sigmas.float()
+    latent = torch.zeros(1, 16, 3, 6, 8)
+    noise = initial_noise(tuple(latent.shape), 0)
+    ours = native.guider_class()(model)
+    ours.set_conds(*conds)
+    ours.set_scales(5.0, 7.5)
+    dual = custom.Guider_DualCFG(model)
+    dual.set_conds(*conds)
+    dual.set_cfg(7.5, 5.0)
+    a = ours.sample(noise, latent, native.schedule_sampler(settings), sigmas, seed=0)
+    b = dual.sample(noise, latent, native.schedule_sampler(settings), sigmas, seed=0)
+    report("DualCFGGuider vs RefAlign guider (same sampler): |diff| latents", (a - b).abs().max().item())
+
+
+def check_lora(pack, folder: Path) -> None:
+    import folder_paths
+    import nodes as comfy_nodes
+    from peft import LoraConfig
+
+    native = pack.nodes.native
+    base = randomised(tiny_dit(0, **TOY_SHAPED))
+    save_dit(base, folder / "lora_base.safetensors")
+    adapted = randomised(tiny_dit(0, **TOY_SHAPED))
+    adapted.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    lora = lora_state_dict_for_comfyui(adapted, alpha=8)
+    from safetensors.torch import save_file
+    (folder / "loras").mkdir(exist_ok=True)
+    save_file(lora, folder / "loras" / "refalign_test_lora.safetensors")
+    folder_paths.add_model_folder_path("loras", str(folder / "loras"))
+    strength = 0.8
+    merged = dit_from_state_dict(merge_lora(dit_state_dict_original(base), lora, strength),
+                                 {"refalign.dit_config": json.dumps({"num_attention_heads": 2})})
+    loader = comfy_nodes.LoraLoaderModelOnly()
+    patched = native.load_native_dit(folder / "lora_base.safetensors")
+    after = loader.load_lora_model_only(patched, "refalign_test_lora.safetensors", strength)[0]
+    plain = native.load_native_dit(folder / "lora_base.safetensors", patch=False)
+    before = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(
+        loader.load_lora_model_only(plain, "refalign_test_lora.safetensors", strength)[0])[0]
+    report(f"LoRA modules mapped by ComfyUI: {len(after.patches)} weights for "
+           f"{sum(k.endswith('.lora_down.weight') for k in lora)} LoRA modules", "", False)
+    for k in (0, 2):
+        x, t, context, refs = forward_inputs(base, k, seed=2)
+        with torch.no_grad():
+            expected = merged(x, t, context, reference_latents=refs).sample
+        for where, model in (("after", after), ("before", before)):
+            got = run_diffusion_model(model, x, t, context, refs)
+            report(f"LoRA (strength {strength}) loaded {where} the patch, K={k}: |native − ours merged|",
+                   (got - expected).abs().max().item())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("comfyui", help="ComfyUI folder (holding main.py)")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the TorchCompileModel trial (slow on CPU)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    pack = open_comfyui(args.comfyui)
+    import comfyui_version
+    print(f"ComfyUI {comfyui_version.__version__} from {args.comfyui}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        check_forward(pack, folder)
+        check_dual_cfg(pack, folder)
+        check_lora(pack, folder)
+        check_sampling(pack, args.skip_compile)
+    print(f"max diff: {max(FIGURES.values()):.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
