@@ -175,15 +175,25 @@ def _check_keys(shapes: dict[str, tuple], expected: dict, path) -> None:
         raise RefAlignInputError(f"{path} does not match a Wan2.1 T2V DiT: " + "; ".join(problems))
 
 
+def keeps_fp32(model, name: str) -> bool:
+    """Whether parameter `name` belongs to one of the model's `_keep_in_fp32_modules` (time embedder, modulation
+    tables, norms: what diffusers keeps in fp32 under low-precision storage)."""
+    return any(part in model._keep_in_fp32_modules for part in name.split("."))
+
+
 def _apply_layerwise_casting(model, weight_dtype, compute_dtype) -> None:
     """Keep block/head weights in `weight_dtype` and upcast per layer at forward (diffusers' layerwise casting);
-    whatever that hook leaves out (embeddings, norms, modulation tables, proj_out) is cast to `compute_dtype`."""
-    model.enable_layerwise_casting(storage_dtype=weight_dtype, compute_dtype=compute_dtype)
-    for module in model.modules():
+    whatever that hook leaves out (embeddings, norms, modulation tables, proj_out) is cast to `compute_dtype`, except
+    `_keep_in_fp32_modules`, which stay fp32."""
+    skip = tuple(model._skip_layerwise_casting_patterns) + tuple(model._keep_in_fp32_modules)
+    model.enable_layerwise_casting(storage_dtype=weight_dtype, compute_dtype=compute_dtype,
+                                   skip_modules_pattern=skip)
+    for module_name, module in model.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is None or registry.get_hook("layerwise_casting") is None:
             for name, param in module.named_parameters(recurse=False):
-                param.data = param.data.to(compute_dtype)
+                if not keeps_fp32(model, f"{module_name}.{name}"):
+                    param.data = param.data.to(compute_dtype)
 
 
 def validated_original(state_dict: dict, metadata: dict | None = None, path="checkpoint",
@@ -205,7 +215,9 @@ def dit_from_state_dict(state_dict: dict, metadata: dict | None = None, *, compu
     converted = convert_wan_transformer_to_diffusers(original)
     with torch.device("meta"):
         model = RefAlignTransformer3DModel(**config)
-    converted = {k: v.to(device=device, dtype=weight_dtype) for k, v in converted.items()}
+    low_precision = weight_dtype != torch.float32 or compute_dtype != torch.float32
+    converted = {k: v.to(device=device, dtype=torch.float32 if low_precision and keeps_fp32(model, k)
+                         else weight_dtype) for k, v in converted.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     # non-persistent RoPE tables were created on the meta device: rebuild them for real
     model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], model.config.rope_max_seq_len)

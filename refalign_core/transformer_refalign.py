@@ -9,6 +9,13 @@ same `patch_embedding` and processed with shared weights. Compared with plain Wa
 * Reference tokens are dropped before the head; the output is the velocity of the F video frames.
 
 There are no new parameters: a RefAlign checkpoint has exactly the Wan2.1 T2V key set.
+
+`RefAlignTransformer3DModel.forward` is adapted from `WanTransformer3DModel.forward` of diffusers 0.42.1 (its
+source hash is pinned in `PARENT_FORWARD_SHA256`; `tests/test_transformer.py` fails when it changes). Our four
+changes: (1) the reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block runs
+with the reference-token count passed to its cross-attention processor; (3) the reference tokens' residual stream is
+returned for the blocks asked for (training); (4) only the video tokens enter the head. Not carried over: Wan2.2
+per-token timesteps and the I2V image embeddings (this is a T2V DiT).
 """
 
 from dataclasses import dataclass
@@ -18,8 +25,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_outputs import BaseOutput
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
 from diffusers.utils import apply_lora_scale
+
+PARENT_FORWARD_SHA256 = "9f81a7225288656f1fa424fbd502206d5d242bad2bda9e11e2571eb5bf25ed30"
 
 
 class VideoOnlyCrossAttnProcessor(WanAttnProcessor):
@@ -27,17 +37,45 @@ class VideoOnlyCrossAttnProcessor(WanAttnProcessor):
 
     `num_reference_tokens` trailing tokens get a zero update, so the block's residual leaves them unchanged. The
     model sets it right before calling the block (inside the checkpointed function, so recomputation sees it too).
+
+    Text K/V cache (exact): with `text_kv_key` set, the text keys and values (to_k / to_v / norm_k of the prompt
+    embeddings, constant over a sampling run) are computed once per key and reused; the sampler keys them by
+    guidance pass and clears them after the run (`RefAlignTransformer3DModel.clear_text_kv_cache`).
     """
 
     def __init__(self):
         super().__init__()
         self.num_reference_tokens = 0
+        self.text_kv_key = None
+        self.text_kv = {}
+
+    def _text_key_value(self, attn, encoder_hidden_states):
+        if self.text_kv_key is not None and self.text_kv_key in self.text_kv:
+            return self.text_kv[self.text_kv_key]
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if self.text_kv_key is not None:
+            self.text_kv[self.text_kv_key] = (key, value)
+        return key, value
+
+    def _cross_attention(self, attn, hidden_states, encoder_hidden_states):
+        """Wan2.1 T2V text cross-attention (no RoPE, no mask, no image branch), with the text K/V cache."""
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key, value = self._text_key_value(attn, encoder_hidden_states)
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend, parallel_config=None)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if attn.add_k_proj is not None or attn.fused_projections or attention_mask is not None or \
+                rotary_emb is not None:
+            raise ValueError("VideoOnlyCrossAttnProcessor is for Wan2.1 T2V cross-attention (unfused, no image "
+                             "branch, no mask, no RoPE)")
         n_ref = self.num_reference_tokens
         if n_ref == 0:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        video = super().__call__(attn, hidden_states[:, :-n_ref], encoder_hidden_states, attention_mask, rotary_emb)
+            return self._cross_attention(attn, hidden_states, encoder_hidden_states)
+        video = self._cross_attention(attn, hidden_states[:, :-n_ref], encoder_hidden_states)
         return F.pad(video, (0, 0, 0, n_ref))
 
 
@@ -51,18 +89,26 @@ class RefAlignTransformerOutput(BaseOutput):
     reference_features: dict[int, torch.Tensor] | None = None
 
 
-def _run_block(block, num_reference_tokens, hidden_states, encoder_hidden_states, timestep_proj, rotary_emb):
-    if not isinstance(block.attn2.processor, VideoOnlyCrossAttnProcessor):
+def _run_block(block, num_reference_tokens, text_kv_key, hidden_states, encoder_hidden_states, timestep_proj,
+               rotary_emb):
+    processor = block.attn2.processor
+    if not isinstance(processor, VideoOnlyCrossAttnProcessor):
         raise RuntimeError(
             "a block's cross-attention processor was replaced; RefAlign needs VideoOnlyCrossAttnProcessor there "
-            "(subclass it to change the attention backend)"
+            "(use set_attention_backend to change the attention backend)"
         )
-    block.attn2.processor.num_reference_tokens = num_reference_tokens
+    processor.num_reference_tokens, processor.text_kv_key = num_reference_tokens, text_kv_key
     return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
 
 
 class RefAlignTransformer3DModel(WanTransformer3DModel):
     """Wan2.1 T2V DiT that takes clean reference latents as extra trailing frames (see module docstring)."""
+
+    # The parent's context-parallel plan splits the whole token sequence across ranks at block 0. Here the sequence
+    # is video + reference tail and the cross-attention must know which tokens are references, which a split
+    # sequence does not tell it: no context-parallel plan (enable_parallelism refuses), rather than a silently wrong
+    # one.
+    _cp_plan = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,6 +122,10 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)
 
+    def clear_text_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn2.processor.text_kv.clear()
+
     @apply_lora_scale("attention_kwargs")
     def forward(
         self,
@@ -86,6 +136,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         reference_feature_blocks: Sequence[int] | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        text_kv_key: str | None = None,
     ) -> RefAlignTransformerOutput | tuple:
         """
         hidden_states: noisy video latents `[B, C, F, H, W]`.
@@ -93,6 +144,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         encoder_hidden_states: text embeddings `[B, L_text, text_dim]`.
         reference_latents: clean reference latents `[B, C, K, H, W]` (K may be 0), or None.
         reference_feature_blocks: block indices whose reference-token output to return (training).
+        text_kv_key: reuse the text K/V cached under this key (same `encoder_hidden_states` as when it was cached).
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -130,7 +182,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         wanted = set(reference_feature_blocks or ())
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         for index, block in enumerate(self.blocks):
-            run = partial(_run_block, block, num_reference_tokens)
+            run = partial(_run_block, block, num_reference_tokens, text_kv_key)
             args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
             hidden_states = self._gradient_checkpointing_func(run, *args) if checkpointing else run(*args)
             if index in wanted:
@@ -139,6 +191,8 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         # The head is token-wise: running it on the video tokens only equals cropping its output.
         hidden_states = hidden_states[:, :num_video_tokens]
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        # With multi-device placement (accelerate), temb sits on the first device and hidden_states on the last.
+        shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(

@@ -78,6 +78,10 @@ def test_low_precision_storage_with_fp32_compute(dit, tmp_path, weight_dtype):
     save_dit(dit, tmp_path / "m.safetensors")
     loaded = load_dit(tmp_path / "m.safetensors", weight_dtype=weight_dtype)
     assert loaded.blocks[0].attn1.to_q.weight.dtype == weight_dtype
+    # diffusers' _keep_in_fp32_modules stay fp32 under low-precision storage
+    assert loaded.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert loaded.blocks[0].scale_shift_table.dtype == torch.float32
+    assert loaded.blocks[0].norm2.weight.dtype == torch.float32
     assert loaded.patch_embedding.weight.dtype == torch.float32
     x, t, text, refs = video_inputs()
     with torch.no_grad():

@@ -139,3 +139,37 @@ def test_replacing_the_cross_attention_processor_is_refused(dit):
         assert "VideoOnlyCrossAttnProcessor" in str(e)
     else:
         raise AssertionError("a plain processor would let references cross-attend to the text")
+
+
+def test_parent_forward_is_the_reviewed_one():
+    """Our forward is adapted from WanTransformer3DModel.forward; a diffusers upgrade that changes it must be
+    reviewed (port the change, then update PARENT_FORWARD_SHA256)."""
+    import hashlib
+    import inspect
+
+    from refalign_core.transformer_refalign import PARENT_FORWARD_SHA256
+    source = inspect.getsource(WanTransformer3DModel.forward)
+    assert hashlib.sha256(source.encode()).hexdigest() == PARENT_FORWARD_SHA256, \
+        "diffusers' WanTransformer3DModel.forward changed: review it against RefAlignTransformer3DModel.forward"
+
+
+def test_there_is_no_context_parallel_plan(dit):
+    assert type(dit)._cp_plan is None and WanTransformer3DModel._cp_plan is not None
+
+
+@torch.no_grad()
+def test_text_kv_cache_is_bit_identical_and_keyed(dit):
+    x, t, text, refs = video_inputs()
+    uncached = dit(x, t, text, reference_latents=refs).sample
+    first = dit(x, t, text, reference_latents=refs, text_kv_key="cond").sample
+    calls = []
+    hook = dit.blocks[0].attn2.to_k.register_forward_hook(lambda *a: calls.append(1))
+    second = dit(x * 0.5, t * 0.5, text, reference_latents=refs, text_kv_key="cond").sample
+    other = dit(x, t, text * 2, reference_latents=refs, text_kv_key="uncond").sample
+    hook.remove()
+    assert calls == [1]  # the cached key was reused, the new key computed once
+    assert torch.equal(first, uncached)
+    assert torch.equal(second, dit(x * 0.5, t * 0.5, text, reference_latents=refs).sample)
+    assert torch.equal(other, dit(x, t, text * 2, reference_latents=refs).sample)
+    dit.clear_text_kv_cache()
+    assert all(not b.attn2.processor.text_kv for b in dit.blocks)
