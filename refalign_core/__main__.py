@@ -8,7 +8,10 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from .acceleration import ATTENTION_BACKENDS
+from .caching import CACHES
 from .errors import RefAlignInputError
+from .lora import LoraSpec
 from .pipeline import RefAlignPipeline
 from .safetensors_io import read_safetensors, write_safetensors
 from .sampler import SAMPLERS, UNCOND_REFERENCES
@@ -26,9 +29,29 @@ def _progress_callback(bar):
     return callback
 
 
+def _preview_callback(pipe: RefAlignPipeline, path: str):
+    """Rewrites the PNG at `path` (atomically) with a latent preview after every step."""
+    from .pipeline import VAECodec
+    from .previews import LatentPreview
+    if pipe.vae is None:
+        raise RefAlignInputError("--preview needs a VAE (--vae or a bundle with one)")
+    target = Path(path)
+    if target.suffix.lower() != ".png" or not target.parent.is_dir():
+        raise RefAlignInputError(f"--preview must be a .png in an existing folder, got {path}")
+
+    def write(step, steps, image):
+        tmp = target.with_name(target.name + ".tmp.png")
+        image.save(tmp)
+        tmp.replace(target)
+
+    return LatentPreview(VAECodec(pipe.vae), write)
+
+
 def _load_pipeline(args) -> RefAlignPipeline:
     kwargs = dict(compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
-                  device=args.device, vae_tiling=args.vae_tiling)
+                  device=args.device, vae_tiling=args.vae_tiling,
+                  loras=tuple(LoraSpec.parse(text) for text in args.lora or ()),
+                  attention_backend=args.attention_backend, compile=args.compile)
     if args.bundle:
         return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
     if not args.dit:
@@ -45,6 +68,12 @@ def _add_model_args(p):
     p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--weight-dtype", choices=list(DTYPES), help="storage dtype of the DiT weights (default: compute)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to bound VAE memory")
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                   help="LoRA (ComfyUI/our trainer, kohya, diffusers/peft or lightx2v format), strength 1 by "
+                        "default; repeat for several")
+    p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="native",
+                   help="attention kernels (flash / sage need their package and a CUDA GPU; else native)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
 
 
 def _references(args) -> list[Reference]:
@@ -59,7 +88,10 @@ def _references(args) -> list[Reference]:
 def cmd_generate(args) -> None:
     pipe = _load_pipeline(args)
     options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
-                                             "sampler", "seed", "uncond_references") if getattr(args, k) is not None}
+                                             "sampler", "seed", "uncond_references", "guidance_steps", "cache",
+                                             "cache_threshold", "cache_interval") if getattr(args, k) is not None}
+    if args.text_kv_cache:
+        options["text_kv_cache"] = True
     if args.frames is not None:
         options["num_frames"] = args.frames
     settings = pipe.settings.replace(**options)
@@ -76,9 +108,17 @@ def cmd_generate(args) -> None:
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
     references = _references(args)
+    preview = _preview_callback(pipe, args.preview) if args.preview else None
     with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+        progress = _progress_callback(bar)
+
+        def callback(step, total, latents):
+            progress(step, total, latents)
+            if preview is not None:
+                preview(step, total, latents)
+
         result = pipe(args.prompt, references or None, negative_prompt=args.negative_prompt, settings=settings,
-                      callback=_progress_callback(bar), decode=bool(args.out), **embeds)
+                      callback=callback, decode=bool(args.out), **embeds)
     if args.save_latents:
         write_safetensors({"latents": result.latents}, args.save_latents)
         print(f"latents: {args.save_latents}")
@@ -135,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=SAMPLERS)
     g.add_argument("--uncond-references", choices=UNCOND_REFERENCES)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance-steps", type=int, metavar="N",
+                   help="three-pass guidance on the first N steps, then the prompt pass alone (step-distill LoRAs: "
+                        "e.g. --steps 4 --guidance-steps 1)")
+    g.add_argument("--cache", choices=CACHES, help="skip DiT work between steps (diffusers cache hooks, lossy)")
+    g.add_argument("--cache-threshold", type=float, help="first_block / magcache threshold (higher = faster)")
+    g.add_argument("--cache-interval", type=int, help="taylorseer: full evaluation every N steps")
+    g.add_argument("--text-kv-cache", action="store_true", help="reuse the text keys/values over the steps (exact)")
+    g.add_argument("--preview", help="write a preview PNG of the current latents here after every step")
     g.add_argument("--fps", type=float)
     g.add_argument("--out", help="video file (.mp4, .webp, .gif)")
     g.add_argument("--save-latents", help="also write the latents to this .safetensors")

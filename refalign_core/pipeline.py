@@ -11,8 +11,10 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .bundles import DEFAULT_FPS, read_bundle, write_bundle_manifest
+from .acceleration import compile_blocks, set_attention_backend
 from .checkpoint import load_dit, save_dit
 from .errors import RefAlignInputError
+from .lora import LoraSpec, apply_loras
 from .references import MAX_REFERENCES, encode_references, prepare_references
 from .sampler import SamplingSettings, sample_r2v
 from .text_encoder import WAN_NEGATIVE_PROMPT, TextEncoder, encode_prompts, load_text_encoder
@@ -105,16 +107,25 @@ class RefAlignPipeline:
     @classmethod
     def from_files(cls, dit, vae=None, text_encoder=None, *, compute_dtype=torch.float32, weight_dtype=None,
                    device="cpu", vae_tiling=False, settings: SamplingSettings | None = None,
-                   fps: float = DEFAULT_FPS) -> "RefAlignPipeline":
-        """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory."""
+                   fps: float = DEFAULT_FPS, loras: tuple[LoraSpec, ...] = (), attention_backend: str = "native",
+                   compile: bool = False) -> "RefAlignPipeline":
+        """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory.
+        loras: applied and fused (`set_loras` switches them); attention_backend: see `acceleration.py`;
+        compile: regional `torch.compile` of the DiT blocks."""
         vae_model = load_vae(vae, dtype=compute_dtype, device=device) if vae else None
         if vae_model is not None and vae_tiling:
             if not hasattr(vae_model, "enable_tiling"):
                 raise RefAlignInputError(f"vae_tiling: {vae} is a {type(vae_model).__name__}, which has no tiled "
                                          "decoding (only the Wan2.1 VAE has)")
             vae_model.enable_tiling()
+        dit_model = load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device)
+        if loras:
+            apply_loras(dit_model, loras)
+        set_attention_backend(dit_model, attention_backend, device)
+        if compile:
+            compile_blocks(dit_model)
         return cls(
-            dit=load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device),
+            dit=dit_model,
             vae=vae_model,
             text_encoder=load_text_encoder(text_encoder, dtype=compute_dtype, device=device) if text_encoder else None,
             settings=settings or SamplingSettings(), fps=fps,
@@ -126,6 +137,10 @@ class RefAlignPipeline:
         bundle = read_bundle(folder)
         return cls.from_files(bundle.dit, bundle.vae, bundle.text_encoder, settings=bundle.settings, fps=bundle.fps,
                               **kwargs)
+
+    def set_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Replace the applied LoRAs (unfused first); an empty list returns to the base weights."""
+        apply_loras(self.dit, loras)
 
     def save_bundle(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

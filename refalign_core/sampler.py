@@ -4,9 +4,14 @@
 
 u: negative prompt + zeroed references, c_img: negative prompt + references, c_txt: prompt + references.
 
+Fewer DiT evaluations: `guidance_steps` = n runs the three passes for the first n steps and then c_txt alone (for
+step-distill LoRAs, which are trained for one pass); `cache` puts a diffusers cache hook on the DiT with one state
+per pass; `text_kv_cache` reuses each pass's text keys / values over the steps (exact).
+
 `SamplingSettings` holds every sampling choice (defaults once, validated once); `run_schedule` is the one denoising
 loop, shared by the core sampler (`sample_r2v`) and the ComfyUI-native sampler in `nodes/`."""
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from .caching import CACHES, MagCalibration, cache_config, dit_cache
 from .errors import RefAlignInputError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,11 @@ class SamplingSettings:
     sampler: str = "euler"
     seed: int = 0
     uncond_references: str = "zeros_per_reference"
+    guidance_steps: int | None = None  # None: three passes on every step; n: on the first n steps, then c_txt only
+    cache: str = "none"  # one of CACHES
+    cache_threshold: float | None = None  # first_block / magcache threshold (None: the cache's default)
+    cache_interval: int | None = None  # taylorseer: full evaluation every n steps (None: 3)
+    text_kv_cache: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -85,6 +96,16 @@ class SamplingSettings:
         if self.uncond_references not in UNCOND_REFERENCES:
             raise RefAlignInputError(f"uncond_references must be one of {UNCOND_REFERENCES}, "
                                      f"got {self.uncond_references!r}")
+        if self.guidance_steps is not None:
+            set_("guidance_steps", _int("guidance_steps", self.guidance_steps, 0, self.steps))
+        if self.cache not in CACHES:
+            raise RefAlignInputError(f"cache must be one of {CACHES}, got {self.cache!r}")
+        if self.cache_threshold is not None:
+            set_("cache_threshold", _float("cache_threshold", self.cache_threshold, 0.0, exclusive_minimum=True))
+        if self.cache_interval is not None:
+            set_("cache_interval", _int("cache_interval", self.cache_interval, 1, self.steps))
+        if not isinstance(self.text_kv_cache, bool):
+            raise RefAlignInputError(f"text_kv_cache must be true or false, got {self.text_kv_cache!r}")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "settings") -> "SamplingSettings":
@@ -110,9 +131,26 @@ def three_pass_guidance(uncond, image_cond, text_cond, image_scale: float, text_
     return uncond + image_scale * (image_cond - uncond) + text_scale * (text_cond - image_cond)
 
 
-def guidance_weights(image_scale: float, text_scale: float) -> tuple[float, float, float]:
-    """The three-pass formula as weights of (u, c_img, c_txt): v = (1−s_img)·u + (s_img−s_txt)·c_img + s_txt·c_txt."""
-    return 1.0 - image_scale, image_scale - text_scale, text_scale
+def guidance_weights(image_scale: float, text_scale: float, three_pass: bool = True) -> tuple[float, float, float]:
+    """The three-pass formula as weights of (u, c_img, c_txt): v = (1−s_img)·u + (s_img−s_txt)·c_img + s_txt·c_txt;
+    after `guidance_steps` (three_pass False) v = c_txt."""
+    return (1.0 - image_scale, image_scale - text_scale, text_scale) if three_pass else (0.0, 0.0, 1.0)
+
+
+def three_pass_at(settings: SamplingSettings, step: int) -> bool:
+    """Whether step `step` (0-based) runs the three passes."""
+    return settings.guidance_steps is None or step < settings.guidance_steps
+
+
+def one_pass_below(settings: SamplingSettings, step_sigmas: torch.Tensor) -> float | None:
+    """`three_pass_at` as a sigma threshold, for guiders that see the sigma and not the step: step_sigmas are the
+    sigmas the model is evaluated at, one per step, decreasing. None: three passes on every step."""
+    n = settings.guidance_steps
+    if n is None or n >= len(step_sigmas):
+        return None
+    if n == 0:
+        return float("inf")
+    return float(step_sigmas[n - 1] + step_sigmas[n]) / 2
 
 
 def make_scheduler(sampler: str, steps: int, shift: float):
@@ -157,8 +195,12 @@ def run_schedule(scheduler, latents: torch.Tensor, velocity: Velocity, *, callba
     return latents
 
 
+PASS_NAMES = ("uncond", "image", "text")
+
+
 @dataclass
 class _Pass:
+    name: str
     weight: float
     text: torch.Tensor
     references: torch.Tensor
@@ -176,58 +218,68 @@ def zero_references(reference_latents: torch.Tensor, uncond_references: str) -> 
     return torch.zeros_like(reference_latents)
 
 
-def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, settings: SamplingSettings):
-    """The passes with a non-zero weight in the three-pass formula."""
+def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, settings: SamplingSettings,
+                     three_pass: bool = True):
+    """The passes with a non-zero weight in the guidance formula of a step."""
     # Zero-padded text tokens still enter cross-attention (as in Wan, which pads to 512), so both prompts get the
     # same length whether the passes run batched or one by one.
     prompt_embeds, negative_embeds = _pad_text([prompt_embeds, negative_embeds]).split(1)
-    w_uncond, w_image, w_text = guidance_weights(settings.image_scale, settings.text_scale)
-    passes = [
-        _Pass(w_uncond, negative_embeds, zero_references(reference_latents, settings.uncond_references)),
-        _Pass(w_image, negative_embeds, reference_latents),
-        _Pass(w_text, prompt_embeds, reference_latents),
-    ]
-    return [p for p in passes if p.weight != 0.0]
+    weights = guidance_weights(settings.image_scale, settings.text_scale, three_pass)
+    inputs = ((negative_embeds, zero_references(reference_latents, settings.uncond_references)),
+              (negative_embeds, reference_latents), (prompt_embeds, reference_latents))
+    return [_Pass(name, w, text, refs) for name, w, (text, refs) in zip(PASS_NAMES, weights, inputs) if w != 0.0]
 
 
 class _Velocity:
-    """Runs the guidance passes, batched into one forward per reference shape when `batch_passes`; falls back to
-    one pass per forward after an out-of-memory error."""
+    """Runs a step's guidance passes, batched into one forward per reference shape when `batch_passes` (one pass
+    per forward with a cache hook, which keeps a state per pass, and after an out-of-memory error)."""
 
-    def __init__(self, dit, passes: list[_Pass], batch_passes: bool):
-        self.dit, self.passes, self.batch = dit, passes, batch_passes
+    def __init__(self, dit, schedule: dict[bool, list[_Pass]], settings: SamplingSettings, batch_passes: bool,
+                 calibration: MagCalibration | None = None):
+        self.dit, self.schedule, self.settings, self.calibration = dit, schedule, settings, calibration
+        self.cached = settings.cache != "none"
+        self.batch = batch_passes and not self.cached
+        self.step = 0
         self.dtype = dit.patch_embedding.weight.dtype
         self.device = dit.patch_embedding.weight.device
 
     def _forward(self, latents, timestep, group: list[_Pass]) -> list[torch.Tensor]:
         n = len(group)
-        out = self.dit(
-            latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
-            timestep.to(self.device).expand(n),
-            torch.cat([p.text for p in group]).to(self.device, self.dtype),
-            reference_latents=torch.cat([p.references for p in group]).to(self.device, self.dtype),
-        ).sample
+        name = "+".join(p.name for p in group)
+        if self.calibration is not None:
+            self.calibration.context = name
+        context = self.dit.cache_context(name) if self.cached else contextlib.nullcontext()
+        with context:
+            out = self.dit(
+                latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
+                timestep.to(self.device).expand(n),
+                torch.cat([p.text for p in group]).to(self.device, self.dtype),
+                reference_latents=torch.cat([p.references for p in group]).to(self.device, self.dtype),
+                text_kv_key=name if self.settings.text_kv_cache else None,
+            ).sample
         return list(out.float().cpu().split(1))
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, sigma=None) -> torch.Tensor:
-        if not self.passes:
+        passes = self.schedule[three_pass_at(self.settings, self.step)]
+        self.step += 1
+        if not passes:
             return torch.zeros_like(latents)
         timestep = timestep.float().reshape(1)
         outputs = {}
         if self.batch:
             groups: dict[tuple, list[int]] = {}
-            for i, p in enumerate(self.passes):
+            for i, p in enumerate(passes):
                 groups.setdefault(tuple(p.references.shape), []).append(i)
             try:
                 for indices in groups.values():
-                    outputs.update(zip(indices, self._forward(latents, timestep, [self.passes[i] for i in indices])))
+                    outputs.update(zip(indices, self._forward(latents, timestep, [passes[i] for i in indices])))
             except torch.OutOfMemoryError:
                 logger.warning("out of memory with batched guidance passes; running them one at a time")
                 self.batch, outputs = False, {}
         if not self.batch:
-            for i, p in enumerate(self.passes):
+            for i, p in enumerate(passes):
                 outputs[i] = self._forward(latents, timestep, [p])[0]
-        return sum(p.weight * outputs[i] for i, p in enumerate(self.passes))
+        return sum(p.weight * outputs[i] for i, p in enumerate(passes))
 
 
 def check_reference_latents(reference_latents: torch.Tensor, settings: SamplingSettings, channels: int) -> None:
@@ -260,9 +312,35 @@ def sample_r2v(
     for name, emb in (("prompt embeddings", prompt_embeds), ("negative prompt embeddings", negative_prompt_embeds)):
         if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != dit.config.text_dim:
             raise RefAlignInputError(f"{name} must be [1, L, {dit.config.text_dim}], got {tuple(emb.shape)}")
-    passes = _guidance_passes(prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float(),
-                              settings)
-    scheduler = make_scheduler(settings.sampler, settings.steps, settings.shift)
-    latents = initial_noise(settings.latent_shape(dit.config.in_channels), settings.seed)
-    return run_schedule(scheduler, latents, _Velocity(dit, passes, batch_passes), callback=callback,
-                        cancel_check=cancel_check)
+    texts = (prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float())
+    schedule = {three: _guidance_passes(*texts, settings, three) for three in (True, False)}
+
+    def run(run_settings, callback=None, cancel_check=None, calibration=None):
+        scheduler = make_scheduler(run_settings.sampler, run_settings.steps, run_settings.shift)
+        latents = initial_noise(run_settings.latent_shape(dit.config.in_channels), run_settings.seed)
+        velocity = _Velocity(dit, schedule, run_settings, batch_passes and calibration is None, calibration)
+        try:
+            with dit_cache(dit, _cache_config(dit, run_settings, run)):
+                return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check)
+        finally:
+            dit.clear_text_kv_cache()
+
+    return run(settings, callback, cancel_check)
+
+
+def _cache_config(dit, settings: SamplingSettings, run):
+    mag_ratios = None
+    if settings.cache == "magcache":
+        memo = dit.__dict__.setdefault("_refalign_mag_ratios", {})
+        key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps)
+        if key not in memo:
+            logger.warning("MagCache: calibrating its magnitude ratios on this model (one uncached run of %d steps; "
+                           "kept for this model and schedule)", settings.steps)
+            calibration = MagCalibration(dit)
+            try:
+                run(settings.replace(cache="none", text_kv_cache=False), calibration=calibration)
+            finally:
+                memo[key] = calibration.close()
+        mag_ratios = memo[key]
+    return cache_config(settings.cache, settings.steps, settings.cache_threshold, settings.cache_interval, mag_ratios)
+

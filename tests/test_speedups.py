@@ -1,0 +1,155 @@
+"""Fewer DiT evaluations (guidance schedule, caches), attention backends, compile and previews: exactness where
+promised, each option reachable from the API, the CLI and the nodes."""
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from refalign_core.acceleration import attention_backend, set_attention_backend
+from refalign_core.caching import CACHES
+from refalign_core.errors import RefAlignInputError
+from refalign_core.sampler import SamplingSettings, one_pass_below, sample_r2v
+from refalign_core.tiny import TINY_DIT
+
+TEXT = TINY_DIT["text_dim"]
+SETTINGS = SamplingSettings(num_frames=5, height=32, width=48, steps=8, shift=3.0)
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 9, TEXT, generator=g), torch.randn(1, 5, TEXT, generator=g),
+            torch.randn(1, 16, 2, 4, 6, generator=g))
+
+
+def passes_run(dit):
+    """Batch sizes of the DiT forwards, and how many blocks computed their self-attention."""
+    calls, blocks = [], []
+    handles = [dit.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)]
+    handles += [b.attn1.to_q.register_forward_hook(lambda m, a, o: blocks.append(1)) for b in dit.blocks]
+    return calls, blocks, handles
+
+
+def test_text_kv_cache_is_exact_and_caches_off_is_the_default_run(dit):
+    plain = sample_r2v(dit, *inputs(), SETTINGS)
+    assert torch.equal(sample_r2v(dit, *inputs(), SETTINGS.replace(text_kv_cache=True)), plain)
+    assert torch.equal(sample_r2v(dit, *inputs(), SETTINGS.replace(text_kv_cache=True), batch_passes=False),
+                       sample_r2v(dit, *inputs(), SETTINGS, batch_passes=False))
+    assert torch.equal(sample_r2v(dit, *inputs(), SETTINGS.replace(cache="none")), plain)
+    assert all(not b.attn2.processor.text_kv for b in dit.blocks)  # cleared after the run
+    assert getattr(dit, "_cache_config", None) is None  # hooks removed after the run
+
+
+def test_guidance_steps_run_three_passes_then_the_prompt_pass(dit):
+    calls, _, handles = passes_run(dit)
+    out = sample_r2v(dit, *inputs(), SETTINGS.replace(guidance_steps=2))
+    for h in handles:
+        h.remove()
+    assert calls == [3, 3] + [1] * 6
+    assert torch.equal(sample_r2v(dit, *inputs(), SETTINGS.replace(guidance_steps=8)),
+                       sample_r2v(dit, *inputs(), SETTINGS))
+    assert not torch.allclose(out, sample_r2v(dit, *inputs(), SETTINGS))
+    # one prompt pass on every step = plain conditional sampling with the references (text scale 1)
+    single = sample_r2v(dit, *inputs(), SETTINGS.replace(guidance_steps=0))
+    conditional = sample_r2v(dit, *inputs(), SETTINGS.replace(image_scale=1.0, text_scale=1.0))
+    torch.testing.assert_close(single, conditional, rtol=1e-5, atol=1e-5)
+
+
+def test_one_pass_threshold_matches_the_step_rule():
+    sigmas = torch.tensor([0.9, 0.7, 0.5, 0.3])
+    settings = SamplingSettings(steps=4, guidance_steps=2)
+    threshold = one_pass_below(settings, sigmas)
+    assert [bool(s >= threshold) for s in sigmas] == [True, True, False, False]
+    assert one_pass_below(SamplingSettings(steps=4), sigmas) is None
+    assert one_pass_below(SamplingSettings(steps=4, guidance_steps=0), sigmas) == float("inf")
+
+
+@pytest.mark.parametrize("cache", [c for c in CACHES if c != "none"])
+def test_each_cache_skips_work_per_pass_and_stays_close(dit, cache, caplog):
+    reference = sample_r2v(dit, *inputs(), SETTINGS)
+    calls, blocks, handles = passes_run(dit)
+    knob = {"cache_interval": 2} if cache == "taylorseer" else {"cache_threshold": 0.5}
+    with caplog.at_level(logging.WARNING):
+        out = sample_r2v(dit, *inputs(), SETTINGS.replace(cache=cache, **knob))
+    for h in handles:
+        h.remove()
+    calibration = 0
+    if cache == "magcache":  # calibrates once on this model: one uncached run first
+        assert "calibrating" in caplog.text
+        calibration = 3 * SETTINGS.steps * len(dit.blocks)
+    assert set(calls) == {1}  # one pass per forward, each in its own cache context
+    assert len(blocks) - calibration < 3 * SETTINGS.steps * len(dit.blocks)  # some block work was skipped
+    error = (out - reference).pow(2).mean().sqrt() / reference.std()
+    assert 0 < error < 0.5
+    assert getattr(dit, "_cache_config", None) is None
+    again = sample_r2v(dit, *inputs(), SETTINGS.replace(cache=cache, **knob))
+    assert torch.equal(again, out)  # fresh cache state every run, calibration kept
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance_steps=9), "guidance_steps"), (dict(guidance_steps=-1), "guidance_steps"),
+    (dict(cache="teacache"), "cache"), (dict(cache_threshold=0.0), "cache_threshold"),
+    (dict(cache_interval=0), "cache_interval"), (dict(text_kv_cache="yes"), "text_kv_cache"),
+])
+def test_bad_speed_settings_are_refused(bad, match):
+    with pytest.raises(RefAlignInputError, match=match):
+        SETTINGS.replace(**bad)
+
+
+def test_attention_backend_falls_back_with_one_warning(dit, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert set_attention_backend(dit, "sage") == "native"
+    assert "sage" in caplog.text and "native" in caplog.text
+    assert attention_backend(dit) == "native"
+    with pytest.raises(RefAlignInputError, match="attention backend"):
+        set_attention_backend(dit, "fastest")
+
+
+def test_latent_preview_fits_the_vae_and_tracks_the_image():
+    from refalign_core.demo import embedded_bundle
+    from refalign_core.pipeline import VAECodec
+    from refalign_core.previews import LatentPreview, fit_latent_rgb, preview_image
+    from refalign_core.vae import load_vae
+    codec = VAECodec(load_vae(embedded_bundle() / "vae.safetensors"))  # the trained toy VAE
+    weights = fit_latent_rgb(codec)
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 1.0
+    blue = red.roll(2, dims=1)
+    pixels = [torch.tensor(preview_image(codec.encode_references(im), weights, 0).getpixel((2, 2))) for im in
+              (red, blue)]
+    assert pixels[0][0] > pixels[0][2] and pixels[1][2] > pixels[1][0]
+    seen = []
+    LatentPreview(codec, lambda step, steps, image: seen.append((step, image.size)))(1, 4, torch.zeros(1, 16, 2, 4, 6))
+    assert seen == [(1, (48, 32))]
+
+
+def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
+    from refalign_core import __main__ as cli
+    from refalign_core.demo import build_random_bundle
+    from refalign_core.lora import LoraSpec
+    bundle = build_random_bundle(tmp_path / "bundle")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "ref.png")
+    seen = {}
+    real_call = cli.RefAlignPipeline.__call__
+
+    def spy(self, *args, settings=None, **kwargs):
+        seen["settings"], seen["dit"] = settings, self.dit
+        return real_call(self, *args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(cli.RefAlignPipeline, "__call__", spy)
+    applied = []
+    monkeypatch.setattr("refalign_core.pipeline.apply_loras", lambda dit, loras: applied.extend(loras))
+    monkeypatch.setattr("refalign_core.pipeline.compile_blocks", lambda dit: applied.append("compiled"))
+    code = cli.main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", str(tmp_path / "ref.png"),
+                     "--width", "32", "--height", "32", "--frames", "5", "--steps", "4", "--guidance-steps", "1",
+                     "--cache", "first_block", "--cache-threshold", "0.2", "--text-kv-cache",
+                     "--lora", "a.safetensors:0.5", "--lora", "b.safetensors", "--attention-backend", "flash",
+                     "--compile", "--preview", str(tmp_path / "preview.png"),
+                     "--save-latents", str(tmp_path / "l.safetensors")])
+    assert code == 0
+    s = seen["settings"]
+    assert (s.guidance_steps, s.cache, s.cache_threshold, s.text_kv_cache) == (1, "first_block", 0.2, True)
+    assert applied == [LoraSpec("a.safetensors", 0.5), LoraSpec("b.safetensors", 1.0), "compiled"]
+    assert attention_backend(seen["dit"]) == "native"  # flash needs CUDA: fell back
+    assert Image.open(tmp_path / "preview.png").size == (32, 32)
