@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..refalign_core.acceleration import ATTENTION_BACKENDS, compile_blocks, set_attention_backend
 from ..refalign_core.bundles import BUNDLE_FILE, read_bundle
 from ..refalign_core.checkpoint import load_dit
 from ..refalign_core.demo import SHIPPED_BASELINE, embedded_bundle
 from ..refalign_core.errors import RefAlignInputError
+from ..refalign_core.lora import LoraSpec, apply_loras
 from ..refalign_core.pipeline import DiTDenoiser, VAECodec
 from ..refalign_core.sampler import SamplingSettings
 from ..refalign_core.text_encoder import TextEncoder, encode_prompts, load_text_encoder
@@ -24,6 +26,8 @@ WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16,
                  "fp8_e4m3fn": torch.float8_e4m3fn}
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OFFLOAD = ["comfy_managed", "block_swap", "none"]
+NO_LORA = "none"
+LORA_SLOTS = 3
 
 
 @dataclass
@@ -67,10 +71,10 @@ class RefAlignModel:
     def text_dim(self) -> int:
         return self.native.model.diffusion_model.text_dim if self.native is not None else self.dit.config.text_dim
 
-    def denoiser(self):
+    def denoiser(self, previews: bool = True):
         if self.native is not None:
             from .native import NativeDenoiser
-            return NativeDenoiser(self.native)
+            return NativeDenoiser(self.native, previews)
         runtime.load_to_device(self.patchers.get("dit"))
         return DiTDenoiser(self.dit)
 
@@ -100,7 +104,29 @@ def _manage(model: RefAlignModel, part: str, module, device) -> None:
         model.patchers[part] = patcher
 
 
-def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offload: str) -> RefAlignModel:
+def apply_native_loras(model, loras: list[tuple[str, str, float]]):
+    """LoRAs on a native MODEL through ComfyUI's own LoRA loading (every format ComfyUI reads), as
+    LoraLoaderModelOnly does; a file none of whose keys fit this model is one error naming it."""
+    import comfy.lora
+    import comfy.utils
+
+    if not loras:
+        return model
+    model = model.clone()
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for name, path, strength in loras:
+        patches = comfy.lora.load_lora(comfy.utils.load_torch_file(path, safe_load=True), key_map, log_missing=False)
+        if not patches:
+            raise RefAlignInputError(f"LoRA {name}: none of its keys match this Wan2.1 DiT (wrong base model?)")
+        model.add_patches(patches, strength)
+    return model
+
+
+def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offload: str,
+                        loras: list[tuple[str, str, float]] = (), attention_backend: str = "native",
+                        compile: bool = False) -> RefAlignModel:
+    """loras: (name, path, strength); attention_backend / compile apply to our reference DiT (offload block_swap /
+    none); a native model takes ComfyUI's own (--use-sage-attention, TorchCompileModel)."""
     device = runtime.torch_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
     bundles = runtime.bundle_folders()
@@ -112,10 +138,19 @@ def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offloa
         model.settings, model.fps = bundle.settings, bundle.fps
     if offload == "comfy_managed" and runtime.native_available():
         from .native import BUNDLE_ATTACHMENT, load_native_dit
-        model.native = load_native_dit(dit_path, WEIGHT_DTYPES[weight_dtype], COMPUTE_DTYPES[compute_dtype])
+        if attention_backend != "native" or compile:
+            raise RefAlignInputError("attention_backend / compile: these set up our reference DiT (offload block_swap "
+                                     "or none); with comfy_managed use ComfyUI's --use-sage-attention / "
+                                     "--use-flash-attention and the TorchCompileModel node")
+        native = load_native_dit(dit_path, WEIGHT_DTYPES[weight_dtype], COMPUTE_DTYPES[compute_dtype])
+        model.native = apply_native_loras(native, list(loras))
         model.native.set_attachments(BUNDLE_ATTACHMENT, model)
     else:
         model.dit = load_dit(dit_path, compute_dtype=dtype, weight_dtype=WEIGHT_DTYPES[weight_dtype], device="cpu")
+        apply_loras(model.dit, [LoraSpec(path, strength) for _, path, strength in loras])
+        set_attention_backend(model.dit, attention_backend, device)
+        if compile:
+            compile_blocks(model.dit)
         if offload == "block_swap" and device.type == "cuda":
             # diffusers group offloading: weights stay on the CPU and stream to the GPU one block at a time
             model.dit.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
@@ -187,14 +222,48 @@ class RefAlignLoader:
                         "ComfyUI's memory manager loads, offloads and patches (LoRA via native_model); block_swap: "
                         "our reference DiT with weights in CPU memory, streamed to the GPU block by block (lowest "
                         "VRAM, slower); none: our reference DiT kept on the device."}),
-        }}
+        }, "optional": {**lora_inputs(), **{
+            "attention_backend": (list(ATTENTION_BACKENDS), {"default": "native", "tooltip": "Attention kernels of "
+                                  "our reference DiT (offload block_swap / none): flash / sage need their package "
+                                  "and a CUDA GPU, else native is used. With comfy_managed use ComfyUI's "
+                                  "--use-sage-attention."}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "Regional torch.compile of our reference DiT's "
+                        "blocks (offload block_swap / none); with comfy_managed use TorchCompileModel."}),
+        }}}
 
-    def load(self, model_name, weight_dtype, compute_dtype, offload):
-        model = load_refalign_model(model_name, weight_dtype, compute_dtype, offload)
+    def load(self, model_name, weight_dtype, compute_dtype, offload, attention_backend="native", compile=False,
+             **lora_widgets):
+        loras = selected_loras(lora_widgets)
+        model = load_refalign_model(model_name, weight_dtype, compute_dtype, offload, loras, attention_backend,
+                                    compile)
         return (model, model.native)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name, weight_dtype, compute_dtype, offload):
+    def VALIDATE_INPUTS(cls, model_name, weight_dtype, compute_dtype, offload, attention_backend="native", **_):
         if weight_dtype not in WEIGHT_DTYPES or compute_dtype not in COMPUTE_DTYPES or offload not in OFFLOAD:
             return "unknown dtype or offload choice"
+        if attention_backend not in ATTENTION_BACKENDS:
+            return f"attention_backend must be one of {list(ATTENTION_BACKENDS)}"
         return True
+
+
+def lora_inputs() -> dict:
+    """lora_1, lora_1_strength, … (appended after the older widgets, so saved workflows keep their values)."""
+    choices = [NO_LORA] + runtime.lora_files()
+    inputs = {}
+    for i in range(1, LORA_SLOTS + 1):
+        inputs[f"lora_{i}"] = (choices, {"default": NO_LORA, "tooltip": "A LoRA from models/loras (ours from "
+                               "train.py, ComfyUI, kohya, diffusers, lightx2v step-distill), or none."})
+        inputs[f"lora_{i}_strength"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                                  "tooltip": "LoRA strength (0 = off)."})
+    return inputs
+
+
+def selected_loras(widgets: dict) -> list[tuple[str, str, float]]:
+    """(name, path, strength) of the LoRA slots in use, in slot order."""
+    loras = []
+    for i in range(1, LORA_SLOTS + 1):
+        name, strength = widgets.get(f"lora_{i}", NO_LORA), widgets.get(f"lora_{i}_strength", 1.0)
+        if name and name != NO_LORA and strength != 0:
+            loras.append((name, runtime.lora_path(name), float(strength)))
+    return loras

@@ -27,8 +27,8 @@ import torch
 from ..refalign_core.checkpoint import validated_original
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.safetensors_io import read_safetensors
-from ..refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler, run_schedule,
-                                     zero_references)
+from ..refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
+                                     one_pass_below, run_schedule, zero_references)
 from ..refalign_core.vae import wan21_latent_stats
 
 logger = logging.getLogger(__name__)
@@ -137,14 +137,18 @@ def guider_class():
             self.inner_set_conds({"positive": positive, "negative_text": negative_text,
                                   "negative": negative_img_text})
 
-        def set_scales(self, image_scale: float, text_scale: float):
-            self.weights = dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale)))
+        def set_scales(self, image_scale: float, text_scale: float, one_pass_below: float | None = None):
+            """one_pass_below: sigma under which only c_txt runs (`guidance_steps`); None: three passes always."""
+            self.weights = {three: dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale, three)))
+                            for three in (True, False)}
+            self.one_pass_below = one_pass_below
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
-            names = [name for name in GUIDANCE_CONDS if self.weights[name] != 0.0]
+            weights = self.weights[self.one_pass_below is None or float(timestep.max()) >= self.one_pass_below]
+            names = [name for name in GUIDANCE_CONDS if weights[name] != 0.0]
             outputs = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get(n) for n in names], x,
                                                      timestep, model_options)
-            return sum(self.weights[name] * out for name, out in zip(names, outputs))
+            return sum(weights[name] * out for name, out in zip(names, outputs))
 
     return RefAlignGuider
 
@@ -182,13 +186,18 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     latent: `[B, 16, T', h, w]` in VAE space (zeros for text/reference-to-video)."""
     import latent_preview
 
+    if settings.cache != "none" or settings.text_kv_cache:
+        raise RefAlignInputError("cache / text_kv_cache: these hook our reference DiT (REFALIGN_MODEL with offload "
+                                 "block_swap or none); on a native MODEL use ComfyUI's EasyCache / LazyCache node")
+    scheduler = make_scheduler(settings.sampler, settings.steps, settings.shift)
+    sigmas = scheduler.sigmas.float()
+    multiplier = getattr(model.get_model_object("model_sampling"), "multiplier", 1000.0)
     guider = guider_class()(model)
     guider.set_conds(positive, negative_text, negative_img_text)
-    guider.set_scales(settings.image_scale, settings.text_scale)
-    sigmas = make_scheduler(settings.sampler, settings.steps, settings.shift).sigmas.float()
+    guider.set_scales(settings.image_scale, settings.text_scale,
+                      one_pass_below(settings, scheduler.timesteps.float() / multiplier))
     noise = initial_noise(tuple(latent.shape), settings.seed)
     callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
-    multiplier = getattr(model.get_model_object("model_sampling"), "multiplier", 1000.0)
     samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,
                             callback=callback,
                             seed=settings.seed)
@@ -231,6 +240,8 @@ class NativeDenoiser:
 
     model: object
 
+    preview: bool = True
+
     def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
         latent_format = self.model.model.latent_format
         positive, negative = (_as_conditioning(t) for t in text)
@@ -238,7 +249,8 @@ class NativeDenoiser:
             positive, negative, latent_format.process_out(reference_latents),
             latent_format.process_out(zero_references(reference_latents, settings.uncond_references)))
         latent = torch.zeros(settings.latent_shape(latent_format.latent_channels))
-        samples = sample_native(self.model, *conds, latent, settings, cancel_check=cancel_check)
+        samples = sample_native(self.model, *conds, latent, settings, preview=self.preview,
+                                cancel_check=cancel_check)
         return latent_format.process_in(samples).cpu()
 
 

@@ -52,17 +52,41 @@ def check_interrupted() -> bool:
     return False
 
 
-class Progress:
-    """ComfyUI's ProgressBar when available (websocket progress + preview), else nothing."""
+MAX_PREVIEW_SIZE = 512
 
-    def __init__(self, total: int):
-        self.bar = None
+
+def previews_enabled() -> bool:
+    """False when ComfyUI runs with `--preview-method none`."""
+    if not comfy_available():
+        return False
+    from comfy.cli_args import LatentPreviewMethod, args
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+class Progress:
+    """ComfyUI's ProgressBar when available (websocket progress), with a latent preview of the newest frame after
+    every step when a codec is given (the latent -> RGB map is fitted on that VAE, see `refalign_core.previews`)."""
+
+    def __init__(self, total: int, codec=None):
+        self.bar, self.preview = None, None
         if comfy_available():
             import comfy.utils
+            from ..refalign_core.previews import LatentPreview
             self.bar = comfy.utils.ProgressBar(total)
+            if codec is not None and previews_enabled():
+                self.preview = LatentPreview(codec, self._show)
+
+    def _show(self, step, total, image):
+        if max(image.size) > MAX_PREVIEW_SIZE:
+            image.thumbnail((MAX_PREVIEW_SIZE, MAX_PREVIEW_SIZE))
+        self.bar.update_absolute(step, total, ("JPEG", image, MAX_PREVIEW_SIZE))
 
     def __call__(self, step: int, total: int, latents=None) -> None:
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.preview is not None and latents is not None:
+            self.preview(step, total, latents)
+        else:
             self.bar.update_absolute(step, total)
 
 
@@ -99,6 +123,22 @@ def model_path(name: str) -> str:
         if path:
             return path
     raise FileNotFoundError(f"model file {name} is in neither models/refalign nor models/diffusion_models")
+
+
+def lora_files() -> list[str]:
+    """LoRA files in ComfyUI's `models/loras`."""
+    if not comfy_available():
+        return []
+    import folder_paths
+    return sorted(f for f in folder_paths.get_filename_list("loras") if f.endswith(".safetensors"))
+
+
+def lora_path(name: str) -> str:
+    import folder_paths
+    path = folder_paths.get_full_path("loras", name)
+    if not path:
+        raise FileNotFoundError(f"LoRA {name} is not in models/loras")
+    return path
 
 
 def bundle_folders() -> dict[str, str]:

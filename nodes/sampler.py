@@ -6,6 +6,7 @@ import torch
 
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.pipeline import generate
+from ..refalign_core.caching import CACHES
 from ..refalign_core.sampler import SAMPLERS, UNCOND_REFERENCES, SamplingSettings
 from ..refalign_core.text_encoder import WAN_NEGATIVE_PROMPT
 from . import runtime
@@ -94,14 +95,32 @@ class RefAlignR2VSampler:
             "positive": ("CONDITIONING", {"tooltip": "Prompt from the Wan text encoder (CLIPTextEncode)."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt from the Wan text encoder."}),
             "vae": ("VAE", {"tooltip": "Wan2.1 VAE; when absent, the model bundle's VAE is used."}),
+            "three_pass_steps": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "-1: three-pass guidance "
+                                 "on every step. n: on the first n steps, then the prompt pass alone (for step-distill "
+                                 "LoRAs such as lightx2v: e.g. 4 steps, shift 5, n = 1)."}),
+            "cache": (list(CACHES), {"default": "none", "tooltip": "Skip DiT work between steps (diffusers "
+                      "FirstBlockCache / MagCache / TaylorSeer; lossy; one state per guidance pass). REFALIGN_MODEL "
+                      "with offload block_swap / none; on a native MODEL use EasyCache."}),
+            "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                                "first_block / magcache threshold (higher = faster, less exact); taylorseer: full "
+                                "evaluation every n steps. 0: the cache's default."}),
+            "text_kv_cache": ("BOOLEAN", {"default": False, "tooltip": "Reuse each pass's text keys / values over "
+                              "the steps (exact, REFALIGN_MODEL with our DiT)."}),
+            "previews": ("BOOLEAN", {"default": True, "tooltip": "Latent previews in the progress bar."}),
         }}
 
     def sample(self, model, references, prompt, negative_prompt, width, height, length, steps, shift,
                image_guidance, text_guidance, seed, sampler, uncond_references, positive=None, negative=None,
-               vae=None):
+               vae=None, three_pass_steps=-1, cache="none", cache_threshold=0.0, text_kv_cache=False,
+               previews=True):
+        knob = {} if not cache_threshold else (
+            {"cache_interval": max(1, round(cache_threshold))} if cache == "taylorseer"
+            else {"cache_threshold": cache_threshold})
         settings = SamplingSettings(width=width, height=height, num_frames=length, steps=steps, shift=shift,
                                     image_scale=image_guidance, text_scale=text_guidance, sampler=sampler,
-                                    seed=seed, uncond_references=uncond_references)
+                                    seed=seed, uncond_references=uncond_references,
+                                    guidance_steps=None if three_pass_steps < 0 else min(three_pass_steps, steps),
+                                    cache=cache, text_kv_cache=text_kv_cache, **knob)
         model = refalign_model_of(model)
         if vae is None and model.vae is None:
             raise RefAlignInputError("no VAE: connect a Wan2.1 VAE (this model bundle has none)")
@@ -110,8 +129,9 @@ class RefAlignR2VSampler:
                                      f"{model.in_channels}: use the Wan2.1 VAE (not the Wan2.2 one)")
         codec = ComfyVAECodec(vae) if vae is not None else model.codec()
         text = sampler_text(model, positive, negative, prompt, negative_prompt)
-        progress = runtime.Progress(steps) if model.native is None else None  # native: ComfyUI's bar + previews
-        result = generate(model.denoiser(), codec, text, settings, references=references.references,
+        # native: ComfyUI's own progress bar and previews
+        progress = runtime.Progress(steps, codec if previews else None) if model.native is None else None
+        result = generate(model.denoiser(previews), codec, text, settings, references=references.references,
                           callback=progress, cancel_check=runtime.check_interrupted)
         out = runtime.intermediate_device()
         return (result.frames.clamp(0, 1).to(out), {"samples": codec.to_vae_space(result.latents).to(out)})

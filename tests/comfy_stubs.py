@@ -13,13 +13,14 @@ class InterruptProcessingException(Exception):
 
 def install(root) -> dict:
     """Fake `folder_paths`, `comfy.model_management`, `comfy.utils`, `comfy.model_patcher` rooted at `root`."""
-    state = {"interrupt": False, "progress": [], "loaded": []}
+    state = {"interrupt": False, "progress": [], "loaded": [], "previews": []}
     models = os.path.join(root, "models")
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = models
     folder_paths.supported_pt_extensions = {".safetensors", ".ckpt", ".pt"}
-    folder_paths.folder_names_and_paths = {"diffusion_models": ([os.path.join(models, "diffusion_models")],
-                                                                folder_paths.supported_pt_extensions)}
+    folder_paths.folder_names_and_paths = {
+        "diffusion_models": ([os.path.join(models, "diffusion_models")], folder_paths.supported_pt_extensions),
+        "loras": ([os.path.join(models, "loras")], folder_paths.supported_pt_extensions)}
 
     def get_folder_paths(key):
         return folder_paths.folder_names_and_paths[key][0]
@@ -64,6 +65,8 @@ def install(root) -> dict:
 
         def update_absolute(self, value, total=None, preview=None):
             state["progress"].append((value, total))
+            if preview is not None:
+                state["previews"].append(preview)
 
     utils.ProgressBar = ProgressBar
     patcher = types.ModuleType("comfy.model_patcher")
@@ -73,12 +76,20 @@ def install(root) -> dict:
             self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
 
     patcher.ModelPatcher = ModelPatcher
-    comfy.model_management, comfy.utils, comfy.model_patcher = mm, utils, patcher
+    cli_args = types.ModuleType("comfy.cli_args")
+
+    class LatentPreviewMethod:
+        NoPreviews, Auto = "none", "auto"
+
+    cli_args.LatentPreviewMethod = LatentPreviewMethod
+    cli_args.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.Auto)
+    comfy.model_management, comfy.utils, comfy.model_patcher, comfy.cli_args = mm, utils, patcher, cli_args
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
-                        "comfy.utils": utils, "comfy.model_patcher": patcher})
+                        "comfy.utils": utils, "comfy.model_patcher": patcher, "comfy.cli_args": cli_args})
     return state
 
 
 def uninstall() -> None:
-    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.model_patcher"):
+    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.model_patcher",
+                 "comfy.cli_args"):
         sys.modules.pop(name, None)

@@ -128,9 +128,50 @@ def test_sampler_reports_progress_and_stops_on_interrupt(comfy, toy):
     sampler = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]()
     sampler.sample(model, refs(pack), **SMALL)
     assert state["progress"] == [(1, 2), (2, 2)]
+    kind, image, size = state["previews"][-1]  # a latent preview with every step
+    assert len(state["previews"]) == 2 and kind == "JPEG" and image.size == (64, 64) and size == 512
+    sampler.sample(model, refs(pack), **SMALL, previews=False)
+    assert len(state["previews"]) == 2
     state["interrupt"] = True
     with pytest.raises(comfy_stubs.InterruptProcessingException):
         sampler.sample(model, refs(pack), **SMALL)
+
+
+def test_sampler_speed_options_reach_the_core(toy, monkeypatch):
+    pack, model = toy
+    seen = []
+    real = pack.nodes.sampler.generate
+    monkeypatch.setattr(pack.nodes.sampler, "generate", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    sampler = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]()
+    references = refs(pack)
+    plain, _ = sampler.sample(model, references, **SMALL)
+    cached, _ = sampler.sample(model, references, **SMALL, text_kv_cache=True)
+    sampler.sample(model, refs(pack), **{**SMALL, "steps": 4}, three_pass_steps=1, cache="first_block",
+                   cache_threshold=0.3)
+    sampler.sample(model, refs(pack), **{**SMALL, "steps": 4}, cache="taylorseer", cache_threshold=2)
+    assert torch.equal(plain, cached)
+    assert (seen[2].guidance_steps, seen[2].cache, seen[2].cache_threshold) == (1, "first_block", 0.3)
+    assert (seen[3].cache, seen[3].cache_interval, seen[0].guidance_steps) == ("taylorseer", 2, None)
+
+
+def test_loader_applies_a_lora_from_the_loras_folder_to_our_dit(comfy):
+    from safetensors.torch import save_file
+    from test_lora import comfy_lora
+    pack, _, root = comfy
+    loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
+    (root / "models" / "loras").mkdir(parents=True)
+    save_file(comfy_lora(), root / "models" / "loras" / "mine.safetensors")
+    from refalign_core.checkpoint import save_dit
+    from refalign_core.tiny import tiny_dit
+    (root / "models" / "diffusion_models").mkdir(parents=True)
+    save_dit(tiny_dit(0), root / "models" / "diffusion_models" / "tiny.safetensors")
+    optional = loader.INPUT_TYPES()["optional"]
+    assert "mine.safetensors" in optional["lora_1"][0] and "attention_backend" in optional
+    base, _ = loader().load("tiny.safetensors", "default", "fp32", "none")
+    with_lora, _ = loader().load("tiny.safetensors", "default", "fp32", "none", lora_1="mine.safetensors",
+                                 lora_1_strength=0.8)
+    delta = (with_lora.dit.blocks[0].attn1.to_q.base_layer.weight - base.dit.blocks[0].attn1.to_q.weight).abs()
+    assert delta.max() > 1e-3
 
 
 @pytest.mark.parametrize("bad,match", [(dict(length=8), "4n\\+1"), (dict(width=72), "multiples of 16")])
@@ -168,7 +209,8 @@ def test_sampler_with_native_conditioning_and_vae_matches_the_bundle_path(comfy)
     negative = [[model.encode_prompts([""]), {}]]
     references = refs(pack)
     vae = NativeVAE(model.vae)
-    native, latent = sampler.sample(model, references, **SMALL, positive=positive, negative=negative, vae=vae)
+    native, latent = sampler.sample(model, references, **SMALL, positive=positive, negative=negative, vae=vae,
+                                    previews=False)
     bundled, latent_b = sampler.sample(model, references, **SMALL)
     assert vae.encoded == 2  # one 1-frame encode per reference
     torch.testing.assert_close(latent["samples"], latent_b["samples"], rtol=1e-4, atol=1e-4)
