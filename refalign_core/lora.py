@@ -155,9 +155,12 @@ def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def apply_loras(dit, loras: Sequence[LoraSpec], fuse: bool = True) -> list[str]:
     """Load LoRAs into the DiT as peft adapters with their strengths, replacing any applied before; fused into the
-    weights when `fuse` (no per-step cost; `remove_loras` unfuses exactly). Strength 0 is skipped. Returns the
-    adapter names."""
+    weights when `fuse` (no per-step cost; `remove_loras` unfuses), except over fp8 storage, where the adapters run
+    unfused in the compute dtype. Strength 0 is skipped. Returns the adapter names."""
     remove_loras(dit)
+    compute = dit.patch_embedding.weight.dtype  # kept in the compute dtype under low-precision storage
+    if fuse and dit.blocks[0].ffn.net[2].weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        fuse = False  # fp8 storage cannot take W + Δ; the adapters run beside it in the compute dtype
     names, weights = [], []
     for index, spec in enumerate(loras):
         if spec.strength == 0:
@@ -167,6 +170,9 @@ def apply_loras(dit, loras: Sequence[LoraSpec], fuse: bool = True) -> list[str]:
         check_lora_fits(converted, dit, name)
         adapter = f"{ADAPTER_PREFIX}{index}"
         dit.load_lora_adapter(converted, adapter_name=adapter, prefix=None)
+        for param_name, param in dit.named_parameters():
+            if f".{adapter}." in param_name:
+                param.data = param.data.to(compute)
         names.append(adapter)
         weights.append(float(spec.strength))
     if names:

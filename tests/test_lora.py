@@ -149,3 +149,17 @@ def test_cli_spec_parsing(tmp_path):
     assert LoraSpec.parse(str(odd)) == LoraSpec(str(odd), 1.0)
     with pytest.raises(RefAlignInputError, match="strength"):
         LoraSpec.parse("a.safetensors:strong")
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn])
+def test_low_precision_storage_takes_a_lora_within_its_rounding(tmp_path, storage):
+    from refalign_core.checkpoint import load_dit, save_dit
+    lora = comfy_lora()
+    save_file(lora, tmp_path / "l.safetensors")
+    save_dit(tiny_dit(0), tmp_path / "dit.safetensors")
+    dit = load_dit(tmp_path / "dit.safetensors", weight_dtype=storage)
+    rounding = (output(dit) - output(tiny_dit(0))).abs().max()
+    base = output(dit)
+    apply_loras(dit, [LoraSpec(str(tmp_path / "l.safetensors"), 0.8)])  # fp8: unfused, adapters in fp32
+    error = (output(dit) - output(merged_dit(lora, 0.8))).abs().max()
+    assert error < 1.5 * rounding + 1e-3 and (output(dit) - base).abs().max() > 0.1
