@@ -85,7 +85,10 @@ class MagCalibration:
         self.residuals[self.context] = residual
 
     def close(self) -> list[float]:
+        """Removes the hooks; returns the per-step ratios averaged over the passes ([] if nothing ran)."""
         for handle in self.handles:
             handle.remove()
+        if not self.ratios:
+            return []
         steps = min(len(r) for r in self.ratios.values())
         return [sum(r[i] for r in self.ratios.values()) / len(self.ratios) for i in range(steps)]

@@ -320,7 +320,7 @@ def sample_r2v(
         latents = initial_noise(run_settings.latent_shape(dit.config.in_channels), run_settings.seed)
         velocity = _Velocity(dit, schedule, run_settings, batch_passes and calibration is None, calibration)
         try:
-            with dit_cache(dit, _cache_config(dit, run_settings, run)):
+            with dit_cache(dit, _cache_config(dit, run_settings, run, cancel_check)):
                 return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check)
         finally:
             dit.clear_text_kv_cache()
@@ -328,19 +328,23 @@ def sample_r2v(
     return run(settings, callback, cancel_check)
 
 
-def _cache_config(dit, settings: SamplingSettings, run):
+def _cache_config(dit, settings: SamplingSettings, run, cancel_check=None):
     mag_ratios = None
     if settings.cache == "magcache":
+        from .lora import applied_loras
         memo = dit.__dict__.setdefault("_refalign_mag_ratios", {})
-        key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps)
+        # the ratios belong to these weights (LoRAs included) and this schedule
+        key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps, tuple(applied_loras(dit)))
         if key not in memo:
             logger.warning("MagCache: calibrating its magnitude ratios on this model (one uncached run of %d steps; "
                            "kept for this model and schedule)", settings.steps)
             calibration = MagCalibration(dit)
             try:
-                run(settings.replace(cache="none", text_kv_cache=False), calibration=calibration)
+                run(settings.replace(cache="none", text_kv_cache=False), cancel_check=cancel_check,
+                    calibration=calibration)
             finally:
-                memo[key] = calibration.close()
+                ratios = calibration.close()
+            memo[key] = ratios  # only a finished calibration is kept
         mag_ratios = memo[key]
     return cache_config(settings.cache, settings.steps, settings.cache_threshold, settings.cache_interval, mag_ratios)
 

@@ -153,3 +153,13 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     assert applied == [LoraSpec("a.safetensors", 0.5), LoraSpec("b.safetensors", 1.0), "compiled"]
     assert attention_backend(seen["dit"]) == "native"  # flash needs CUDA: fell back
     assert Image.open(tmp_path / "preview.png").size == (32, 32)
+
+
+def test_a_cancelled_magcache_calibration_is_not_kept(dit):
+    from refalign_core.sampler import SamplingCancelled
+    calls = []
+    with pytest.raises(SamplingCancelled):
+        sample_r2v(dit, *inputs(), SETTINGS.replace(cache="magcache"),
+                   cancel_check=lambda: calls.append(1) or len(calls) > 2)
+    assert not getattr(dit, "_refalign_mag_ratios", {})
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in dit.blocks)  # calibration hooks removed
