@@ -13,9 +13,10 @@ There are no new parameters: a RefAlign checkpoint has exactly the Wan2.1 T2V ke
 `RefAlignTransformer3DModel.forward` is adapted from `WanTransformer3DModel.forward` of diffusers 0.42.1 (its
 source hash is pinned in `PARENT_FORWARD_SHA256`; `tests/test_transformer.py` fails when it changes). Our four
 changes: (1) the reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block runs
-with the reference-token count passed to its cross-attention processor; (3) the reference tokens' residual stream is
-returned for the blocks asked for (training); (4) only the video tokens enter the head. Not carried over: Wan2.2
-per-token timesteps and the I2V image embeddings (this is a T2V DiT).
+with the reference-token count passed to its cross-attention processor (and, for a padded training batch, the
+padded references' key mask to its self-attention processor); (3) the reference tokens' residual stream is returned
+for the blocks asked for (training); (4) only the video tokens enter the head. Not carried over: Wan2.2 per-token
+timesteps and the I2V image embeddings (this is a T2V DiT).
 """
 
 from dataclasses import dataclass
@@ -79,6 +80,23 @@ class VideoOnlyCrossAttnProcessor(WanAttnProcessor):
         return F.pad(video, (0, 0, 0, n_ref))
 
 
+class ReferenceMaskedSelfAttnProcessor(WanAttnProcessor):
+    """Wan self-attention whose keys skip padded reference tokens.
+
+    A training batch whose samples have different numbers of references is padded to the largest K; `key_mask`
+    `[B, 1, 1, L]` (True = attend) keeps every sample's tokens from attending to its padding, so each sample's
+    output equals its unpadded forward. None (the default, and always at inference) is plain Wan self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.key_mask = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if self.key_mask is not None:
+            attention_mask = self.key_mask
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
 @dataclass
 class RefAlignTransformerOutput(BaseOutput):
     """`sample`: velocity for the video frames `[B, C_out, F, H, W]`.
@@ -89,16 +107,25 @@ class RefAlignTransformerOutput(BaseOutput):
     reference_features: dict[int, torch.Tensor] | None = None
 
 
-def _run_block(block, num_reference_tokens, text_kv_key, hidden_states, encoder_hidden_states, timestep_proj,
-               rotary_emb):
-    processor = block.attn2.processor
+def _run_block(block, num_reference_tokens, text_kv_key, key_mask, hidden_states, encoder_hidden_states,
+               timestep_proj, rotary_emb):
+    processor, self_processor = block.attn2.processor, block.attn1.processor
     if not isinstance(processor, VideoOnlyCrossAttnProcessor):
         raise RuntimeError(
             "a block's cross-attention processor was replaced; RefAlign needs VideoOnlyCrossAttnProcessor there "
             "(use set_attention_backend to change the attention backend)"
         )
     processor.num_reference_tokens, processor.text_kv_key = num_reference_tokens, text_kv_key
-    return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+    if key_mask is not None:
+        if not isinstance(self_processor, ReferenceMaskedSelfAttnProcessor):
+            raise RuntimeError("a block's self-attention processor was replaced; a padded reference batch needs "
+                               "ReferenceMaskedSelfAttnProcessor there")
+        self_processor.key_mask = key_mask
+    try:
+        return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+    finally:
+        if key_mask is not None:
+            self_processor.key_mask = None
 
 
 class RefAlignTransformer3DModel(WanTransformer3DModel):
@@ -115,12 +142,28 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         if self.config.image_dim is not None or self.config.added_kv_proj_dim is not None:
             raise ValueError("RefAlign is a text-to-video DiT: image_dim / added_kv_proj_dim (I2V) are not supported")
         for block in self.blocks:
+            block.attn1.set_processor(ReferenceMaskedSelfAttnProcessor())
             block.attn2.set_processor(VideoOnlyCrossAttnProcessor())
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one latent frame of `height` x `width` latent pixels."""
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)
+
+    def _key_mask(self, reference_mask, batch_size, num_references, num_video_tokens, tokens_per_reference, device):
+        """`[B, K]` reference mask -> self-attention key mask `[B, 1, 1, L]`, or None when nothing is padded."""
+        if reference_mask is None:
+            return None
+        if reference_mask.shape != (batch_size, num_references) or reference_mask.dtype != torch.bool:
+            raise ValueError(f"reference_mask must be a bool tensor [B, K] = {[batch_size, num_references]}, got "
+                             f"{reference_mask.dtype} {list(reference_mask.shape)}")
+        if bool(reference_mask.all()):
+            return None
+        if self.config.patch_size[0] != 1:
+            raise ValueError("reference_mask needs a DiT with temporal patch size 1 (one token frame per reference)")
+        video = torch.ones(batch_size, num_video_tokens, dtype=torch.bool, device=device)
+        references = reference_mask.to(device).repeat_interleave(tokens_per_reference, dim=1)
+        return torch.cat([video, references], dim=1)[:, None, None, :]
 
     def clear_text_kv_cache(self) -> None:
         for block in self.blocks:
@@ -137,6 +180,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         text_kv_key: str | None = None,
+        reference_mask: torch.Tensor | None = None,
     ) -> RefAlignTransformerOutput | tuple:
         """
         hidden_states: noisy video latents `[B, C, F, H, W]`.
@@ -145,6 +189,8 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         reference_latents: clean reference latents `[B, C, K, H, W]` (K may be 0), or None.
         reference_feature_blocks: block indices whose reference-token output to return (training).
         text_kv_key: reuse the text K/V cached under this key (same `encoder_hidden_states` as when it was cached).
+        reference_mask: `[B, K]` bool, False for padding frames of a batch whose samples have fewer than K
+            references (training); their tokens are hidden from every self-attention key. None: all are real.
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -165,6 +211,8 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         post_patch_frames, post_patch_height, post_patch_width = num_frames // p_t, height // p_h, width // p_w
         num_video_tokens = post_patch_frames * post_patch_height * post_patch_width
         num_reference_tokens = (num_references // p_t) * post_patch_height * post_patch_width
+        key_mask = self._key_mask(reference_mask, batch_size, num_references, num_video_tokens,
+                                  post_patch_height * post_patch_width, hidden_states.device)
 
         # RoPE over F + K frames: reference k sits at temporal position F + k on the same (h, w) grid.
         rotary_emb = self.rope(hidden_states)
@@ -182,7 +230,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         wanted = set(reference_feature_blocks or ())
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         for index, block in enumerate(self.blocks):
-            run = partial(_run_block, block, num_reference_tokens, text_kv_key)
+            run = partial(_run_block, block, num_reference_tokens, text_kv_key, key_mask)
             args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
             hidden_states = self._gradient_checkpointing_func(run, *args) if checkpointing else run(*args)
             if index in wanted:

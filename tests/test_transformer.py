@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -117,6 +118,30 @@ def test_reference_features_carry_gradients_with_checkpointing(dit):
     assert all(g.abs().sum() > 0 for g in plain[:3])
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_padded_reference_batch_equals_each_sample_alone(dit):
+    """Training batches pad samples to the largest reference count; the mask hides the padding from attention."""
+    x, t, text, refs = video_inputs(batch=2)
+    refs = torch.cat([refs, torch.randn_like(refs[:, :, :1])], dim=2)  # sample 0: 3 references
+    refs[1, :, 1:] = 5.0  # sample 1: 1 reference + junk padding
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    with torch.no_grad():
+        batch = dit(x, t, text, reference_latents=refs, reference_mask=mask, reference_feature_blocks=[0, 2])
+        alone = [dit(x[i:i + 1], t[i:i + 1], text[i:i + 1], reference_latents=refs[i:i + 1, :, :k],
+                     reference_feature_blocks=[0, 2]) for i, k in ((0, 3), (1, 1))]
+        unmasked = dit(x, t, text, reference_latents=refs)
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(batch.sample[i:i + 1], out.sample, rtol=1e-5, atol=1e-5)
+        n = out.reference_features[2].shape[1]
+        torch.testing.assert_close(batch.reference_features[2][i:i + 1, :n], out.reference_features[2],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked.sample[1:], alone[1].sample, atol=1e-3)
+    with torch.no_grad():  # an all-True mask is the unmasked forward, bit for bit
+        same = dit(x, t, text, reference_latents=refs, reference_mask=torch.ones(2, 3, dtype=torch.bool))
+    assert torch.equal(same.sample, unmasked.sample)
+    with pytest.raises(ValueError, match="reference_mask"):
+        dit(x, t, text, reference_latents=refs, reference_mask=mask[:, :2])
 
 
 def test_bad_reference_shape_is_refused(dit):
