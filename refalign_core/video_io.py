@@ -6,7 +6,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import RefAlignInputError
 
@@ -52,9 +52,10 @@ def read_video_frames(path: str | os.PathLike) -> torch.Tensor:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file, turned upright by its EXIF orientation (phone photos are stored sideways)."""
     try:
         image = Image.open(path)
         image.load()
+        return ImageOps.exif_transpose(image)
     except (OSError, ValueError) as e:
         raise RefAlignInputError(f"image {path}: cannot be read: {e}") from e
-    return image

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from refalign_core.alignment import (
-    AlignmentProjectors, default_aligned_blocks, flow_matching_sample, fm_loss, ra_gate, ra_loss, training_sigmas,
-    timestep_weights,
+from refalign_core.training.alignment import (
+    AlignmentProjectors, default_aligned_blocks, flow_matching_sample, fm_loss, ra_gate, ra_loss, ra_loss_per_sample,
+    training_sigmas, timestep_weights,
 )
 
 
@@ -43,7 +43,7 @@ def test_single_reference_has_only_the_positive_term():
     # two tokens: cosines with their own teacher token 1 and 0 -> pos = mean(1-1, 1-0) = 0.5
     h = torch.stack([unit(0), unit(90)])[None]
     f = torch.stack([unit(0), unit(0)])[None]
-    loss = ra_loss({0: h}, f, Identity([0]), num_references=1)
+    loss = ra_loss({0: h}, f, Identity([0]), references=1)
     assert loss.positive.item() == pytest.approx(0.5)
     assert loss.negative.item() == 0 and loss.total.item() == pytest.approx(0.5)
 
@@ -52,7 +52,7 @@ def test_two_references_with_known_cosines():
     # tokens 0,1 = subject A, tokens 2,3 = subject B (T = 2)
     h = torch.stack([unit(0), unit(60), unit(90), unit(180)])[None]
     f = torch.stack([unit(0), unit(0), unit(90), unit(90)])[None]
-    loss = ra_loss({0: h, 1: h}, f, Identity([0, 1]), num_references=2)
+    loss = ra_loss({0: h, 1: h}, f, Identity([0, 1]), references=2)
     pos = ((1 - 1) + (1 - 0.5) + (1 - 1) + (1 - 0)) / 4  # c_ii = 1, 0.5, 1, 0
     # cross pairs (i in A, j in B) and (i in B, j in A): relu(cos)
     cross = [max(0, torch.dot(h[0, i], f[0, j]).item()) for i, j in
@@ -106,3 +106,24 @@ def test_gradients_reach_dit_and_projectors_never_the_vfm(dit):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projectors.parameters())
     assert dit.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in vfm.parameters()) and not tokens.requires_grad
+
+
+def test_a_padded_batch_gives_each_sample_its_unpadded_loss():
+    torch.manual_seed(0)
+    projectors = AlignmentProjectors(8, 6, [0, 1])
+    t = 4  # tokens per reference
+    three = {b: torch.randn(1, 3 * t, 8) for b in (0, 1)}, torch.randn(1, 3 * t, 6)
+    two = {b: torch.randn(1, 2 * t, 8) for b in (0, 1)}, torch.randn(1, 2 * t, 6)
+    one = {b: torch.randn(1, t, 8) for b in (0, 1)}, torch.randn(1, t, 6)
+    pad = lambda x, n: torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[1]), value=7.0)  # noqa: E731 (junk padding)
+    features = {b: torch.cat([three[0][b], pad(two[0][b], 3 * t), pad(one[0][b], 3 * t)]) for b in (0, 1)}
+    tokens = torch.cat([three[1], pad(two[1], 3 * t), pad(one[1], 3 * t)])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    pos, neg = ra_loss_per_sample(features, tokens, projectors, mask)
+    for i, (f, v, k) in enumerate((three + (3,), two + (2,), one + (1,))):
+        p1, n1 = ra_loss_per_sample(f, v, projectors, k)
+        torch.testing.assert_close(pos[i:i + 1], p1)
+        torch.testing.assert_close(neg[i:i + 1], n1)
+    assert neg[2] == 0 and neg[1] > 0
+    unmasked, _ = ra_loss_per_sample(features, tokens, projectors, 3)
+    assert not torch.allclose(unmasked[1], pos[1])  # the padding would count without the mask

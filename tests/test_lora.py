@@ -27,7 +27,7 @@ def comfy_lora(seed=1) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.1
-    return lora_state_dict_for_comfyui(model, alpha=ALPHA)
+    return lora_state_dict_for_comfyui(model.state_dict(), alpha=ALPHA)
 
 
 def merged_dit(lora: dict, strength: float, biases: dict | None = None):

@@ -3,7 +3,8 @@ import json
 import numpy as np
 
 from refalign_core.toy_world import all_subjects, make_toy_world, render_subject, vocabulary
-from refalign_core.data import read_manifest
+from refalign_core.training.data import SkipCounter
+from refalign_core.training.datasets import read_jsonl
 from refalign_core.video_io import read_video_frames
 
 
@@ -22,7 +23,7 @@ def test_generator_is_deterministic_and_writes_the_manifest_format(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     for video in sorted((tmp_path / "a" / "videos").iterdir()):  # x264 bytes may vary; the decoded frames may not
         assert np.array_equal(read_video_frames(video), read_video_frames(tmp_path / "b" / "videos" / video.name))
-    entries = read_manifest(a)
+    entries = read_jsonl(a, SkipCounter())
     assert len(entries) == 4 and all(1 <= len(e.references) <= 3 for e in entries)
     assert read_video_frames(entries[0].video).shape == (17, 64, 64, 3)
     words = set(vocabulary())

@@ -5,13 +5,10 @@ import torch
 import skimage.data as skimage_data
 import torch.nn.functional as F
 
-from refalign_core.data import ReferenceAugmentation, SkipCounter, load_video_clip, read_manifest
-from refalign_core.toy_world import make_toy_world
 from refalign_core.errors import RefAlignInputError
-from refalign_core.feature_cache import CacheSettings, FeatureCache, build_cache
-from refalign_core.text_encoder import TextEncoder
-from refalign_core.tiny import char_tokenizer, tiny_text_encoder
-from refalign_core.training import make_training_batch
+from refalign_core.toy_world import make_toy_world
+from refalign_core.training.data import ReferenceAugmentation, SkipCounter, VideoInfo, load_video_clip, probe_video
+from refalign_core.training.datasets import read_jsonl
 from refalign_core.vfm import IMAGENET_MEAN, IMAGENET_STD, DinoVFM, EfficientNetLite0VFM, _normalize, load_efficientnet_lite0
 
 
@@ -72,21 +69,31 @@ def test_manifest_skips_bad_lines_and_counts_them(tmp_path):
         "{not json",
         json.dumps({"video": "b.mp4", "caption": "y", "references": []}),
         json.dumps({"caption": "no video", "references": [{"image": "r.png"}]}),
+        json.dumps({"video": "../outside.mp4", "caption": "escapes", "references": [{"image": "r.png"}]}),
+        json.dumps({"video": "c.mp4", "caption": "scene", "references": [{"image": "r.png"},
+                                                                        {"image": "beach.jpg", "scene": True}]}),
     ]))
     skipped = SkipCounter()
-    entries = read_manifest(tmp_path / "m.jsonl", skipped)
-    assert len(entries) == 1 and entries[0].video == tmp_path / "a.mp4" and entries[0].references[0].subject == "s"
-    assert skipped.total == 3
+    entries = read_jsonl(tmp_path / "m.jsonl", skipped)
+    assert [e.video for e in entries] == [tmp_path / "a.mp4", tmp_path / "c.mp4"]
+    assert entries[0].references[0].subject == "s" and entries[0].references[0].views[0].image == tmp_path / "r.png"
+    assert [r.scene for r in entries[1].references] == [False, True]
+    assert skipped.total == 4 and any("points outside" in reason for _, reason in skipped.entries)
 
 
 def test_video_clip_sampling_resizes_crops_and_resamples(tmp_path):
     manifest = make_toy_world(tmp_path, num_videos=1, size=64, frames=17)
-    video = read_manifest(manifest)[0].video
+    video = read_jsonl(manifest, SkipCounter())[0].video
+    assert probe_video(video) == VideoInfo(64, 64, 16.0, 17)
     clip = load_video_clip(video, 5, 8, 32, 48, torch.Generator().manual_seed(0))
     assert clip.shape == (3, 5, 32, 48) and -1 <= clip.min() and clip.max() <= 1
     assert load_video_clip(video, 9, 8, 32, 32).shape[1] == 9  # 17 frames at 16 fps -> 9 at 8 fps
     with pytest.raises(RefAlignInputError, match="frames"):
         load_video_clip(video, 10, 8, 32, 32)
+    # a frame range and a crop: frames 4..12 of the left half, upscaled; the same pixels as cutting by hand
+    part = load_video_clip(video, 9, None, 64, 32, frame_range=(4, 13), crop=(0, 0, 32, 64))
+    whole = load_video_clip(video, 17, None, 64, 64)
+    torch.testing.assert_close(part, whole[:, 4:13, :, :32], atol=0.02, rtol=0)
 
 
 def test_augmentation_fills_with_white_and_is_reproducible():
@@ -98,33 +105,3 @@ def test_augmentation_fills_with_white_and_is_reproducible():
     assert torch.equal(a, b) and not torch.allclose(a, image)
     corners = torch.stack([a[..., :4, :4].mean(), a[..., -4:, -4:].mean()])
     assert (corners > 0.8).all()  # background and uncovered area stay (near) white, never black
-
-
-def test_cache_skips_missing_and_corrupt_videos_and_dropout_rates(tmp_path, vae):
-    manifest = make_toy_world(tmp_path / "data", num_videos=4, size=32, frames=9, max_subjects=2)
-    (tmp_path / "data" / "videos" / "00001.mp4").write_bytes(b"corrupt")
-    (tmp_path / "data" / "videos" / "00002.mp4").unlink()
-    k = len(read_manifest(manifest)[3].references)
-    settings = CacheSettings(width=32, height=32, num_frames=5, fps=None, augment_copies=2)
-
-    class TinyVFM(torch.nn.Module):
-        def forward(self, images):
-            return F.avg_pool2d(images, 16).flatten(2).transpose(1, 2)
-
-    build_cache(manifest, tmp_path / "cache", settings, vae, TextEncoder(char_tokenizer(), tiny_text_encoder()),
-                TinyVFM(), progress=False)
-    cache = FeatureCache(tmp_path / "cache")
-    assert len(cache) == 2 and cache.info["skipped"] == 2 and cache.vfm_dim == 3
-    sample = cache[1]
-    assert sample["reference_latents"].shape == (2, k, 16, 4, 4) and sample["vfm_tokens"].shape == (2, k * 4, 3)
-    counts = {"text": 0, "refs": 0, "both": 0, "none": 0}
-    for seed in range(2000):
-        batch = make_training_batch(sample, cache.null_prompt, torch.Generator().manual_seed(seed))
-        assert batch.text.shape[1] == 512
-        n = cache.null_prompt.shape[0]
-        no_text = torch.equal(batch.text[0, :n], cache.null_prompt) and batch.text[0, n:].abs().max() == 0
-        no_refs = batch.keep_references.item() == 0
-        counts["both" if no_text and no_refs else "text" if no_text else "refs" if no_refs else "none"] += 1
-        if no_refs:
-            assert batch.references.shape[2] == 1 and batch.references.abs().max() == 0
-    assert all(150 < counts[k] < 250 for k in ("text", "refs", "both")), counts

@@ -187,7 +187,7 @@ def check_lora(pack, folder: Path) -> None:
         for name, param in adapted.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    lora = lora_state_dict_for_comfyui(adapted, alpha=8)
+    lora = lora_state_dict_for_comfyui(adapted.state_dict(), alpha=8)
     from safetensors.torch import save_file
     (folder / "loras").mkdir(exist_ok=True)
     save_file(lora, folder / "loras" / "refalign_test_lora.safetensors")

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from refalign_core.data import read_manifest
 from refalign_core.identity import IdentitySettings, check_identity
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.references import Reference
 from refalign_core.toy_world import make_toy_world
+from refalign_core.training.data import SkipCounter
+from refalign_core.training.datasets import read_jsonl
 from refalign_core.video_io import load_image
 from refalign_core.vfm import load_vfm
 
@@ -45,8 +46,8 @@ def interval(values) -> tuple[float, float, float]:
 
 
 def score_case(pipe, entry, seed, steps, vfm):
-    refs = [load_image(r.image) for r in entry.references]
-    masks = [load_image(r.mask).convert("L") for r in entry.references]
+    refs = [load_image(r.views[0].image) for r in entry.references]
+    masks = [load_image(r.views[0].mask).convert("L") for r in entry.references]
     result = pipe(entry.caption, [Reference(image, mask) for image, mask in zip(refs, masks)], negative_prompt="",
                   seed=seed, steps=steps)
     report = check_identity(refs, result.frames, vfm, masks=masks, names=[r.subject for r in entry.references],
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     world = make_toy_world(Path(tempfile.mkdtemp(prefix="toy_held_out_")), num_videos=args.cases, split="held_out",
                            seed=1, min_subjects=2)
-    entries = read_manifest(world)
+    entries = read_jsonl(world, SkipCounter())
     vfm = load_vfm("efficientnet-lite0")
     models = {"RefAlign": Path(args.models) / "refalign_toy", "baseline": Path(args.models) / "refalign_toy_baseline"}
     scores = {}

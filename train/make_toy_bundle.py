@@ -23,19 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-import train as trainer  # noqa: E402  (train/train.py)
-
-from refalign_core.data import load_video_clip, read_manifest  # noqa: E402
-from refalign_core.bundles import BUNDLE_FILE  # noqa: E402
-from refalign_core.references import to_chw  # noqa: E402
-from refalign_core.tiny import tiny_text_encoder, word_tokenizer  # noqa: E402
-from refalign_core.toy_world import make_toy_world, vocabulary  # noqa: E402
-from refalign_core.toy_vae import ToyVideoVAE  # noqa: E402
-from refalign_core.vae import save_vae  # noqa: E402
-from refalign_core.video_io import load_image  # noqa: E402
+from refalign_core.bundles import BUNDLE_FILE
+from refalign_core.references import to_chw
+from refalign_core.tiny import tiny_text_encoder, word_tokenizer
+from refalign_core.toy_vae import ToyVideoVAE
+from refalign_core.toy_world import make_toy_world, vocabulary
+from refalign_core.training import parse_config, train
+from refalign_core.training.data import SkipCounter, load_video_clip
+from refalign_core.training.datasets import read_jsonl
+from refalign_core.vae import save_vae
+from refalign_core.video_io import load_image
 
 RECIPE = {
     "seed": 0,
@@ -60,9 +58,9 @@ def train_vae(manifest: Path, settings: dict, seed: int) -> tuple[ToyVideoVAE, f
     DiT's imprecision. Cosine learning-rate decay. Its latent mean / std are measured and stored in its config."""
     torch.manual_seed(seed)
     vae = ToyVideoVAE(block_channels=tuple(settings["block_channels"])).train()
-    entries = read_manifest(manifest)
+    entries = read_jsonl(manifest, SkipCounter())
     clips = torch.stack([load_video_clip(e.video, 17, None, 64, 64) for e in entries])  # [N, 3, 17, 64, 64]
-    refs = torch.stack([to_chw(load_image(r.image))[0] for e in entries for r in e.references])
+    refs = torch.stack([to_chw(load_image(r.views[0].image))[0] for e in entries for r in e.references])
     refs = (refs * 2 - 1)[:, :, None]  # [R, 3, 1, 64, 64] in [-1, 1]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings["steps"])
@@ -123,18 +121,19 @@ def main(argv=None) -> int:
     times["vae_s"] = time.perf_counter() - start
 
     for name, folder, ra in (("refalign", bundle, True), ("baseline", baseline, False)):
-        config = yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())
-        config["seed"] = recipe["seed"]
-        config["shift"] = recipe["defaults"]["shift"]  # a 4×4-token frame needs no high-noise shift; sampled alike
-        config["model"].update(dit="tiny", dit_config=recipe["dit"], vae=str(bundle / "vae.safetensors"),
-                               text_encoder=str(bundle / "text_encoder"), vfm="efficientnet-lite0")
-        config["data"].update(manifest=str(manifest), width=64, height=64, num_frames=17, fps=16, augment_copies=4,
-                              cache_dir=str(work / "cache"))
-        config["train"].update(recipe["train"])
-        config["alignment"]["enabled"] = ra
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        config = parse_config({
+            "seed": recipe["seed"],
+            "shift": recipe["defaults"]["shift"],  # a 4×4-token frame needs no high-noise shift; sampled alike
+            "model": {"dit": "tiny", "dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
+                      "text_encoder": str(bundle / "text_encoder"), "vfm": "efficientnet-lite0"},
+            "data": {"datasets": [{"path": str(manifest)}], "buckets": {"sizes": [[64, 64]], "frames": [17]},
+                     "fps": 16, "augment_copies": 4, "cache_dir": str(work / "cache"), "num_workers": 0},
+            "train": {**recipe["train"], "mixed_precision": "no", "keep_last": 1},
+            "memory": {"gradient_checkpointing": False},
+            "alignment": {"enabled": ra},
+        }, f"toy recipe ({name})")
         start = time.perf_counter()
-        trainer.main(["--config", str(work / f"{name}.yaml"), "--output-dir", str(work / name)])
+        train(config, work / name)
         times[f"{name}_s"] = time.perf_counter() - start
         shutil.copyfile(work / name / "dit.safetensors", folder / "dit.safetensors")
         shutil.copyfile(work / name / "log.csv", folder / "train_log.csv")

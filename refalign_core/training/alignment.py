@@ -50,35 +50,52 @@ class RALoss:
     negative: torch.Tensor
 
 
+def _reference_mask(references, batch: int, n_tokens: int, device) -> torch.Tensor:
+    """`references`: K (every sample has K) or a `[B, K]` bool mask (False = padding) -> `[B, K]` bool."""
+    if isinstance(references, int):
+        return torch.ones(batch, references, dtype=torch.bool, device=device)
+    if references.ndim != 2 or references.shape[0] != batch or references.dtype != torch.bool:
+        raise ValueError(f"reference mask must be a bool tensor [B={batch}, K], got {references.dtype} "
+                         f"{list(references.shape)}")
+    return references.to(device)
+
+
 def ra_loss_per_sample(features: dict[int, torch.Tensor], vfm_tokens: torch.Tensor, projectors: AlignmentProjectors,
-                       num_references: int, pos_margin: float = 0.0, neg_margin: float = 1.0,
+                       references, pos_margin: float = 0.0, neg_margin: float = 1.0,
                        neg_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """features: block -> `[B, N, dim]` reference-token features; vfm_tokens `[B, N, vfm_dim]`.
-    Returns (positive `[B]`, negative `[B]`), each averaged over the aligned blocks."""
+    """features: block -> `[B, N, dim]` reference-token features; vfm_tokens `[B, N, vfm_dim]`, N = K·T;
+    references: K, or a `[B, K]` bool mask for a batch padded to K references (padding tokens are left out of both
+    terms, so each sample's loss equals its unpadded loss). Returns (positive `[B]`, negative `[B]`), each averaged
+    over the aligned blocks."""
     batch, n_tokens, _ = vfm_tokens.shape
-    if n_tokens % num_references:
-        raise ValueError(f"{n_tokens} reference tokens do not split into {num_references} references")
-    per_ref = n_tokens // num_references
+    mask = _reference_mask(references, batch, n_tokens, vfm_tokens.device)
+    if n_tokens % mask.shape[1]:
+        raise ValueError(f"{n_tokens} reference tokens do not split into {mask.shape[1]} references")
+    per_ref = n_tokens // mask.shape[1]
     subject = torch.arange(n_tokens, device=vfm_tokens.device) // per_ref
-    cross = (subject[:, None] != subject[None, :]).float()  # [N, N], cross-subject pairs
+    valid = mask.repeat_interleave(per_ref, dim=1).float()  # [B, N]
+    cross = (subject[:, None] != subject[None, :]).float() * valid[:, :, None] * valid[:, None, :]  # [B, N, N]
+    cross_pairs = cross.sum((1, 2))
     target = F.normalize(vfm_tokens.float().detach(), dim=-1)
     positives, negatives = [], []
     for block, x in sorted(features.items()):
         h = F.normalize(projectors[block](x).float(), dim=-1)  # [B, N, vfm_dim]
-        positives.append(F.relu((1 - (h * target).sum(-1)) - pos_margin).mean(-1))
-        if num_references > 1:
+        positive = F.relu((1 - (h * target).sum(-1)) - pos_margin)
+        positives.append((positive * valid).sum(-1) / valid.sum(-1).clamp(min=1))
+        if bool(cross_pairs.any()):
             cos = h @ target.transpose(1, 2)  # [B, N, N]: c_ij = cos(h_i, f_j)
-            negatives.append((F.relu(neg_margin - (1 - cos)) * cross).sum((1, 2)) / cross.sum())
-        else:
+            negatives.append((F.relu(neg_margin - (1 - cos)) * cross).sum((1, 2)) / cross_pairs.clamp(min=1))
+        else:  # one reference per sample: no cross-subject pairs
             negatives.append(torch.zeros(batch, device=h.device))
     return torch.stack(positives).mean(0), torch.stack(negatives).mean(0) * neg_weight
 
 
-def ra_loss(features, vfm_tokens, projectors, num_references, keep=None, gate=None, **margins) -> RALoss:
-    """RA loss over a batch. `keep` `[B]` (0/1) zeroes samples whose references were dropped (the official code
-    multiplies by 0, so every parameter still gets a gradient); `gate` `[B]` is g(t). `total` is
-    mean_b keep·gate·(pos + neg); `positive` / `negative` are ungated means over kept samples, for logging."""
-    pos, neg = ra_loss_per_sample(features, vfm_tokens, projectors, num_references, **margins)
+def ra_loss(features, vfm_tokens, projectors, references, keep=None, gate=None, **margins) -> RALoss:
+    """RA loss over a batch. references: K, or a `[B, K]` bool mask (see `ra_loss_per_sample`). `keep` `[B]`
+    (0/1) zeroes samples whose references were dropped (the official code multiplies by 0, so every parameter still
+    gets a gradient); `gate` `[B]` is g(t). `total` is mean_b keep·gate·(pos + neg); `positive` / `negative` are
+    ungated means over kept samples, for logging."""
+    pos, neg = ra_loss_per_sample(features, vfm_tokens, projectors, references, **margins)
     keep = torch.ones_like(pos) if keep is None else keep.to(pos)
     gate = torch.ones_like(pos) if gate is None else gate.to(pos)
     kept = keep.sum().clamp(min=1)
