@@ -157,10 +157,14 @@ def test_two_processes_resume_bit_exactly(tmp_path, data, launcher):
     """2 CPU processes (gloo): DDP through torchrun, FSDP2 through `accelerate launch` with the shipped config."""
     port = 29611 if launcher == "ddp" else 29621
     launch = torchrun(port) if launcher == "ddp" else accelerate_fsdp(port)
-    cfg = config(tmp_path, data, train={"checkpoint_every": 3, "ema_decay": 0.9})
+    fresh_cache = {"cache_dir": str(tmp_path / "cache")} if launcher == "ddp" else {}
+    cfg = config(tmp_path, data, train={"checkpoint_every": 3, "ema_decay": 0.9}, data=fresh_cache)
     straight = run(["--config", cfg, "--output-dir", tmp_path / "straight", "--max-steps", 6], launcher=launch)
     assert straight.stdout.count("exported to") == 1  # only the main process writes
     assert f"{'FSDP' if launcher == 'fsdp' else 'MULTI_CPU'} on 2 processes" in straight.stderr
+    if fresh_cache:  # both processes encoded their share of the clips, after an estimate of the cache's size
+        assert "8 of 8 clips to encode, about" in straight.stderr
+        assert all(len((tmp_path / "cache" / f"records-{r}.jsonl").read_text().splitlines()) == 4 for r in (0, 1))
     run(["--config", cfg, "--output-dir", tmp_path / "resumed", "--max-steps", 3], launcher=launch)
     run(["--config", cfg, "--output-dir", tmp_path / "resumed", "--max-steps", 6, "--resume"], launcher=launch)
     for name in ("dit.safetensors", "projectors.safetensors"):
