@@ -12,9 +12,9 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from refalign_core.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
-from refalign_core.checkpoint import _apply_layerwise_casting
+from refalign_core.checkpoint import apply_layerwise_casting
 from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.tiny import tiny_dit
+from refalign_core.toy.tiny import tiny_dit
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,
                 in_channels=16, out_channels=16, num_layers=30)
@@ -41,7 +41,7 @@ def dit(storage=torch.bfloat16, block_swap=False):
     model = tiny_dit(0, **WAN_1_3B)
     if storage == torch.float8_e4m3fn:
         model.to(torch.bfloat16)
-        _apply_layerwise_casting(model, storage, torch.bfloat16)
+        apply_layerwise_casting(model, storage, torch.bfloat16)
     else:
         model.to(storage)
     if block_swap:

@@ -4,6 +4,7 @@ ComfyUI. Outside ComfyUI they fall back to plain CPU behaviour."""
 import os
 
 from ..refalign_core.bundles import BUNDLE_FILE
+from ..refalign_core.errors import RefAlignInputError
 
 
 def comfy_available() -> bool:
@@ -122,7 +123,7 @@ def model_path(name: str) -> str:
         path = folder_paths.get_full_path(key, name)
         if path:
             return path
-    raise FileNotFoundError(f"model file {name} is in neither models/refalign nor models/diffusion_models")
+    raise RefAlignInputError(f"model_name: {name} is in neither models/refalign nor models/diffusion_models")
 
 
 def lora_files() -> list[str]:
@@ -137,7 +138,7 @@ def lora_path(name: str) -> str:
     import folder_paths
     path = folder_paths.get_full_path("loras", name)
     if not path:
-        raise FileNotFoundError(f"LoRA {name} is not in models/loras")
+        raise RefAlignInputError(f"LoRA {name} is not in models/loras")
     return path
 
 

@@ -1,6 +1,7 @@
 """Command line: `python -m refalign_core {generate,encode-prompt,encode-references,demo} ...`."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -10,15 +11,17 @@ from tqdm import tqdm
 
 from .acceleration import ATTENTION_BACKENDS
 from .caching import CACHES
-from .errors import RefAlignInputError
+from .errors import RefAlignInputError, run_command
 from .lora import LoraSpec
+from .bundles import read_bundle
+from .paths import check_output_folder
 from .pipeline import RefAlignPipeline
+from .references import MAX_REFERENCES, Reference, encode_references, prepare_references
 from .safetensors_io import read_safetensors, write_safetensors
-from .sampler import SAMPLERS, UNCOND_REFERENCES
-from .references import Reference, encode_references, prepare_references
+from .sampler import SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_reference_latents
 from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
 from .vae import load_vae
-from .video_io import load_image, write_video
+from .video_io import VIDEO_SUFFIXES, load_image, write_video
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
 
@@ -36,15 +39,44 @@ def _preview_callback(pipe: RefAlignPipeline, path: str):
     if pipe.vae is None:
         raise RefAlignInputError("--preview needs a VAE (--vae or a bundle with one)")
     target = Path(path)
-    if target.suffix.lower() != ".png" or not target.parent.is_dir():
-        raise RefAlignInputError(f"--preview must be a .png in an existing folder, got {path}")
 
     def write(step, steps, image):
         tmp = target.with_name(target.name + ".tmp.png")
-        image.save(tmp)
-        tmp.replace(target)
+        try:
+            image.save(tmp)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     return LatentPreview(VAECodec(pipe.vae), write)
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise RefAlignInputError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps …)") from e
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if not available.get(kind, False):
+        raise RefAlignInputError(f"--device {device}: no {kind} device is available here")
+
+
+def _check_output(path: str | None, option: str, suffixes: tuple[str, ...]) -> None:
+    """An output file's name and folder, checked before any work."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise RefAlignInputError(f"{option} {path}: must end in {' or '.join(suffixes)}")
+    if target.is_dir():
+        raise RefAlignInputError(f"{option} {path} is a folder; give a file name")
+    check_output_folder(target.parent, option)
+
+
+def _check_input_file(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise RefAlignInputError(f"{option} {path} does not exist")
 
 
 def _load_pipeline(args) -> RefAlignPipeline:
@@ -54,8 +86,6 @@ def _load_pipeline(args) -> RefAlignPipeline:
                   attention_backend=args.attention_backend, compile=args.compile)
     if args.bundle:
         return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
-    if not args.dit:
-        raise RefAlignInputError("--dit (or --bundle) is required")
     return RefAlignPipeline.from_files(args.dit, args.vae, args.text_encoder, **kwargs)
 
 
@@ -76,17 +106,28 @@ def _add_model_args(p):
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
 
 
-def _references(args) -> list[Reference]:
-    """--ref images paired with their --mask files (same order)."""
-    masks = args.mask or []
-    if len(masks) > len(args.ref or []):
-        raise RefAlignInputError(f"--mask: {len(masks)} masks for {len(args.ref or [])} --ref images")
-    return [Reference(load_image(path), load_image(masks[i]).convert("L") if i < len(masks) else None, name=path)
-            for i, path in enumerate(args.ref or [])]
+def _references(args, fit: tuple[int, int]) -> list[Reference]:
+    """--ref images paired with their --mask files (same order), 1–4; `fit`: the video's (width, height)."""
+    refs, masks = args.ref or [], args.mask or []
+    if len(refs) > MAX_REFERENCES:
+        raise RefAlignInputError(f"--ref: at most {MAX_REFERENCES} references, got {len(refs)}")
+    if len(masks) > len(refs):
+        raise RefAlignInputError(f"--mask: {len(masks)} masks for {len(refs)} --ref images")
+    return [Reference(load_image(path, fit if i >= len(masks) else None),
+                      load_image(masks[i]).convert("L") if i < len(masks) else None, name=path)
+            for i, path in enumerate(refs)]
 
 
-def cmd_generate(args) -> None:
-    pipe = _load_pipeline(args)
+def _tensors(path: str, option: str, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, which must hold `key`."""
+    tensors, _ = read_safetensors(path, option)
+    if key not in tensors:
+        raise RefAlignInputError(f"{option} {path} holds no '{key}' tensor (it has {sorted(tensors)[:6]})")
+    return tensors
+
+
+def _settings(args) -> SamplingSettings:
+    """The bundle's (or the official) defaults with the command line's changes, validated before any model loads."""
     options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
                                              "sampler", "seed", "uncond_references", "guidance_steps", "cache",
                                              "cache_threshold", "cache_interval") if getattr(args, k) is not None}
@@ -94,20 +135,46 @@ def cmd_generate(args) -> None:
         options["text_kv_cache"] = True
     if args.frames is not None:
         options["num_frames"] = args.frames
-    settings = pipe.settings.replace(**options)
+    base = read_bundle(args.bundle).settings if args.bundle else SamplingSettings()
+    return base.replace(source="command line", **options)
+
+
+def cmd_generate(args) -> None:
+    # everything that can be wrong with the command is found before a model is loaded
+    settings = _settings(args)
+    _check_device(args.device)
+    if not args.bundle and not args.dit:
+        raise RefAlignInputError("--dit (or --bundle) is required")
+    for path, option in ((args.dit, "--dit"), (args.vae, "--vae"), (args.text_encoder, "--text-encoder"),
+                         (args.prompt_embeds, "--prompt-embeds"), (args.reference_latents, "--reference-latents")):
+        _check_input_file(path, option)
+    _check_output(args.out, "--out", VIDEO_SUFFIXES)
+    _check_output(args.save_latents, "--save-latents", (".safetensors",))
+    _check_output(args.preview, "--preview", (".png",))
+    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= 1000):
+        raise RefAlignInputError(f"--fps must be a number in (0, 1000], got {args.fps}")
+    if not args.out and not args.save_latents:
+        raise RefAlignInputError("give --out (a video) and / or --save-latents: nothing would be written")
     embeds = {}
     if args.prompt_embeds:
-        tensors, _ = read_safetensors(args.prompt_embeds, "--prompt-embeds")
+        tensors = _tensors(args.prompt_embeds, "--prompt-embeds", "prompt_embeds")
         embeds = {"prompt_embeds": tensors["prompt_embeds"],
                   "negative_prompt_embeds": tensors.get("negative_prompt_embeds")}
     elif args.prompt is None:
         raise RefAlignInputError("--prompt or --prompt-embeds is required")
     if args.reference_latents:
-        tensors, _ = read_safetensors(args.reference_latents, "--reference-latents")
-        embeds["reference_latents"] = tensors["reference_latents"]
+        latents = _tensors(args.reference_latents, "--reference-latents", "reference_latents")["reference_latents"]
+        check_reference_latents(latents, settings, latents.shape[1] if latents.ndim == 5 else 16)
+        embeds["reference_latents"] = latents
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
-    references = _references(args)
+    references = _references(args, (settings.width, settings.height))
+    if references:
+        prepare_references(references, settings.width, settings.height, MAX_REFERENCES)
+
+    pipe = _load_pipeline(args)
+    if args.out and pipe.vae is None:
+        raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
     preview = _preview_callback(pipe, args.preview) if args.preview else None
     with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
         progress = _progress_callback(bar)
@@ -123,12 +190,12 @@ def cmd_generate(args) -> None:
         write_safetensors({"latents": result.latents}, args.save_latents)
         print(f"latents: {args.save_latents}")
     if args.out:
-        if result.frames is None:
-            raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
         print(f"video: {write_video(result.frames, args.out, fps=args.fps or pipe.fps)}")
 
 
 def cmd_encode_prompt(args) -> None:
+    _check_device(args.device)
+    _check_output(args.out, "--out", (".safetensors",))
     text_encoder = load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
     prompt_embeds, negative = encode_prompts(text_encoder, [args.prompt, args.negative_prompt or ""]).split(1)
     write_safetensors({"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}, args.out)
@@ -136,15 +203,21 @@ def cmd_encode_prompt(args) -> None:
 
 
 def cmd_encode_references(args) -> None:
+    _check_device(args.device)
+    _check_output(args.out, "--out", (".safetensors",))
+    SamplingSettings(width=args.width, height=args.height)  # checks the size
+    references = _references(args, (args.width, args.height))
+    fitted = prepare_references(references, args.width, args.height, MAX_REFERENCES)
     vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
-    fitted = prepare_references(_references(args), args.width, args.height)
     latents = encode_references(vae, fitted)
     write_safetensors({"reference_latents": latents}, args.out)
     print(f"reference latents {tuple(latents.shape)}: {args.out}")
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .toy.demo import run_demo
+    check_output_folder(Path(args.out), "--out")
+    SamplingSettings(seed=args.seed)  # checks the seed
     with tqdm(desc="demo sampling", unit="step") as bar:
         paths = run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, seed=args.seed,
                          progress=lambda step, total, _: (setattr(bar, "total", total), bar.update(1)))
@@ -216,15 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def _run(argv) -> int:
     args = build_parser().parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
-    try:
-        args.func(args)
-    except RefAlignInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args.func(args)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

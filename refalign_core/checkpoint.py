@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 CONFIG_METADATA_KEY = "refalign.dit_config"
-HEAD_DIM = 128  # every released Wan2.1 DiT; used when a file carries no config metadata
+WAN_HEADS = {1536: 12, 5120: 40}  # released Wan2.1 widths -> heads (head dim 128), for files without our metadata
 TRAINING_ONLY = re.compile(r"^blocks\.\d+\.input_mlp\.")  # official trainer's projectors
 
 _TOP_LEVEL_TO_ORIGINAL = {
@@ -129,15 +129,21 @@ def infer_dit_config(shapes: dict[str, tuple], metadata: dict | None = None, pat
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r"^blocks\.(\d+)\.", k))}
     if not layers or layers != set(range(max(layers) + 1)):
         raise RefAlignInputError(f"{path}: transformer blocks are not numbered 0..N-1 (found {sorted(layers)[:8]}...)")
-    stored = json.loads((metadata or {}).get(CONFIG_METADATA_KEY, "{}"))
-    num_heads = stored.get("num_attention_heads")
+    try:
+        stored = json.loads((metadata or {}).get(CONFIG_METADATA_KEY, "{}"))
+        num_heads = stored.get("num_attention_heads")
+    except (ValueError, AttributeError) as e:
+        raise RefAlignInputError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a JSON object: {e}") from e
     if num_heads is None:
-        if dim % HEAD_DIM:
+        # the weights do not tell the head count (qk-norms span the whole width); the released Wan2.1 widths do
+        if dim not in WAN_HEADS:
             raise RefAlignInputError(
-                f"{path}: hidden size {dim} is not a multiple of {HEAD_DIM} and the file has no "
-                f"'{CONFIG_METADATA_KEY}' metadata saying how many attention heads it has"
-            )
-        num_heads = dim // HEAD_DIM
+                f"{path}: a {dim}-wide DiT could have several numbers of attention heads and the file has no "
+                f"'{CONFIG_METADATA_KEY}' metadata saying which (known without it: the Wan2.1 widths "
+                f"{sorted(WAN_HEADS)}); save it with refalign_core.save_dit, which records the config")
+        num_heads = WAN_HEADS[dim]
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+        raise RefAlignInputError(f"{path}: num_attention_heads {num_heads!r} does not divide the width {dim}")
     return {
         "patch_size": tuple(patch),
         "num_attention_heads": num_heads,
@@ -181,7 +187,7 @@ def keeps_fp32(model, name: str) -> bool:
     return any(part in model._keep_in_fp32_modules for part in name.split("."))
 
 
-def _apply_layerwise_casting(model, weight_dtype, compute_dtype) -> None:
+def apply_layerwise_casting(model, weight_dtype, compute_dtype) -> None:
     """Keep block/head weights in `weight_dtype` and upcast per layer at forward (diffusers' layerwise casting);
     whatever that hook leaves out (embeddings, norms, modulation tables, proj_out) is cast to `compute_dtype`, except
     `_keep_in_fp32_modules`, which stay fp32."""
@@ -223,7 +229,7 @@ def dit_from_state_dict(state_dict: dict, metadata: dict | None = None, *, compu
     model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], model.config.rope_max_seq_len)
     model.rope.to(device)
     if weight_dtype != compute_dtype:
-        _apply_layerwise_casting(model, weight_dtype, compute_dtype)
+        apply_layerwise_casting(model, weight_dtype, compute_dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -3,3 +3,21 @@
 
 class RefAlignInputError(ValueError):
     """Bad user input (file, tensor, option). The message says which input and what was expected."""
+
+
+def run_command(main, argv=None) -> int:
+    """Run a command-line `main`: bad input is one `error:` line and exit 2, a failing file system (a full disk, a
+    missing permission) one line and exit 1, Ctrl-C exit 130; never a traceback for any of them."""
+    import sys
+
+    try:
+        return main(argv)
+    except RefAlignInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

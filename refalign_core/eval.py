@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import RefAlignInputError
+from .errors import RefAlignInputError, run_command
 from .identity import IdentitySettings, check_identity
 from .identity_sheet import contact_sheet
+from .paths import check_output_folder, inside
 from .video_io import load_image, read_video_frames
 from .vfm import load_vfm
 
@@ -28,30 +29,69 @@ COLUMNS = ["id", "status", "subjects", "identity_mean", "identity_min", "global_
            "copy_paste", "face_similarity", "motion_amplitude", "error"]
 
 
+def _strings(value, what: str, allow_none: bool = False) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, str) or (allow_none and v is None) for v in value):
+        kind = "paths or null" if allow_none else "strings"
+        raise RefAlignInputError(f"{what}: expected a list of {kind}, got {value!r}")
+    return value
+
+
 def read_cases(path: Path) -> list[dict]:
+    """The cases, checked: each an object with a unique, file-name-safe id and 1–4 reference paths (inside the case
+    file's folder unless absolute); `names` / `masks`, when given, one per reference."""
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RefAlignInputError(f"--cases {path}: not a readable JSON file: {e}") from e
-    cases = [dict(v, id=str(k)) for k, v in raw.items()] if isinstance(raw, dict) else list(raw)
-    for i, case in enumerate(cases):
-        if "id" not in case or not (case.get("references") or case.get("img_paths")):
-            raise RefAlignInputError(f"--cases {path}: case {i} needs an 'id' and 'references' (or 'img_paths')")
+    if not isinstance(raw, (dict, list)):
+        raise RefAlignInputError(f"--cases {path}: expected a list of cases or an object of cases by id")
+    items = [(k, v) for k, v in raw.items()] if isinstance(raw, dict) else [(None, v) for v in raw]
+    cases, seen = [], set()
+    for i, (key, value) in enumerate(items):
+        where = f"--cases {path}: case {key if key is not None else i}"
+        if not isinstance(value, dict):
+            raise RefAlignInputError(f"{where}: expected an object, got {value!r}")
+        case = dict(value, id=key) if key is not None else dict(value)
+        case_id = case.get("id")
+        if not isinstance(case_id, (str, int)) or isinstance(case_id, bool) or str(case_id) in ("", ".", "..") \
+                or any(c in str(case_id) for c in "/\\\0"):
+            raise RefAlignInputError(f"{where}: 'id' must be a file-name-safe string (no '/', '..'), got {case_id!r}")
+        case["id"] = str(case_id)
+        if case["id"] in seen:
+            raise RefAlignInputError(f"{where}: the id {case['id']!r} is used twice (its report would overwrite "
+                                     "the other's)")
+        seen.add(case["id"])
+        references = _strings(case.get("references") or case.get("img_paths"), f"{where} references")
+        if not 1 <= len(references) <= 4:
+            raise RefAlignInputError(f"{where}: needs 1–4 references, got {len(references)}")
+        case["references"] = [inside(path.parent, r, f"{where} reference") for r in references]
+        for key_name, allow_none in (("names", False), ("masks", True)):
+            if case.get(key_name) is not None and len(_strings(case[key_name], f"{where} {key_name}",
+                                                                 allow_none)) != len(references):
+                raise RefAlignInputError(f"{where}: {key_name} must have one entry per reference "
+                                         f"({len(references)}), got {len(case[key_name])}")
+        case["masks"] = [inside(path.parent, m, f"{where} mask") if m else None
+                         for m in case.get("masks") or [None] * len(references)]
+        if case.get("video") is not None and not isinstance(case["video"], str):
+            raise RefAlignInputError(f"{where}: video must be a path, got {case['video']!r}")
+        cases.append(case)
+    if not cases:
+        raise RefAlignInputError(f"--cases {path}: no cases")
     return cases
 
 
 def _video_path(case: dict, videos: Path) -> Path:
     if case.get("video"):
-        return videos / case["video"]
+        return inside(videos, case["video"], f"case {case['id']} video")
     matches = sorted(p for p in videos.glob(f"{case['id']}.*") if p.is_file())
     if not matches:
         raise RefAlignInputError(f"no video named {case['id']}.* in {videos}")
     return matches[0]
 
 
-def evaluate_case(case: dict, root: Path, videos: Path, embedder, settings, backbone: str, face_embedder, out: Path):
-    refs = [load_image(root / p) for p in case.get("references") or case["img_paths"]]
-    masks = [load_image(root / m).convert("L") if m else None for m in case.get("masks", [None] * len(refs))]
+def evaluate_case(case: dict, videos: Path, embedder, settings, backbone: str, face_embedder, out: Path):
+    refs = [load_image(p) for p in case["references"]]
+    masks = [load_image(m).convert("L") if m else None for m in case["masks"]]
     video = _video_path(case, videos)
     try:
         frames = read_video_frames(video)
@@ -95,7 +135,7 @@ def write_summary(rows: list[dict], out: Path) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
+def _run(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m refalign_core.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", required=True)
@@ -105,25 +145,26 @@ def main(argv=None) -> int:
     parser.add_argument("--faces", action="store_true", help="also score faces (dlib)")
     parser.add_argument("--sample-frames", type=int, default=32)
     args = parser.parse_args(argv)
-    try:
-        cases_path = Path(args.cases)
-        cases = read_cases(cases_path)
-        embedder = load_vfm(args.backbone)
-        face_embedder = None
-        if args.faces:
-            from .faces import FaceEmbedder
-            face_embedder = FaceEmbedder()
-    except RefAlignInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cases_path = Path(args.cases)
+    cases = read_cases(cases_path)
+    if not Path(args.videos).is_dir():
+        raise RefAlignInputError(f"--videos {args.videos} is not a folder")
+    if args.sample_frames < 1:
+        raise RefAlignInputError(f"--sample-frames must be ≥ 1, got {args.sample_frames}")
+    check_output_folder(Path(args.out), "--out")
+    embedder = load_vfm(args.backbone)
+    face_embedder = None
+    if args.faces:
+        from .faces import FaceEmbedder
+        face_embedder = FaceEmbedder()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = IdentitySettings(sample_frames=args.sample_frames)
     rows = []
     for case in tqdm(cases, desc="evaluating", unit="case"):
         try:
-            rows.append(evaluate_case(case, cases_path.parent, Path(args.videos), embedder, settings, args.backbone,
-                                      face_embedder, out))
+            rows.append(evaluate_case(case, Path(args.videos), embedder, settings, args.backbone, face_embedder,
+                                      out))
         except (RefAlignInputError, OSError) as e:
             rows.append({c: None for c in COLUMNS} | {"id": case["id"], "status": "failed", "error": str(e)})
             tqdm.write(f"case {case['id']}: {e}")
@@ -131,6 +172,10 @@ def main(argv=None) -> int:
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases scored; report: {out / 'summary.md'}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":

@@ -224,11 +224,24 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
     """references: 1..K images (any form `fit_on_white` takes); frames `[T, H, W, 3]` in [0, 1]; embedder:
     images -> grid tokens. Returns the per-subject report."""
     settings = settings or IdentitySettings()
+    if torch.is_tensor(references) and references.ndim == 3:
+        raise RefAlignInputError("identity check: references must be a list of images (or a batch [K,H,W,C]); one "
+                                 f"[H,W,C] tensor of shape {tuple(references.shape)} would read as H references")
     references = list(references)
     if not references:
         raise RefAlignInputError("identity check: at least one reference image is needed")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise RefAlignInputError(f"identity check: frames must be [T, H, W, 3], got {tuple(frames.shape)}")
+    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
+        raise RefAlignInputError(f"identity check: frames must be a tensor [T, H, W, 3], got {shape}")
+    if not bool(torch.isfinite(frames).all()):
+        raise RefAlignInputError("identity check: the frames have NaN or infinite values")
+    if isinstance(names, str) or (names is not None and (len(list(names)) != len(references)
+                                                         or not all(isinstance(n, str) for n in names))):
+        raise RefAlignInputError(f"identity check: names must be a list of {len(references)} strings, one per "
+                                 f"reference, got {names!r}")
+    if masks is not None and (isinstance(masks, str) or len(list(masks)) != len(references)):
+        raise RefAlignInputError(f"identity check: masks must be a list of {len(references)} (a mask or None per "
+                                 "reference)")
     names = list(names) if names else [f"subject {i + 1}" for i in range(len(references))]
     masks = list(masks) if masks is not None else [None] * len(references)
     total, height, width = frames.shape[0], frames.shape[1], frames.shape[2]

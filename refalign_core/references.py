@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REFERENCES = 4  # what the pack supports (the spec has no hard limit; RoPE has 1024 temporal positions)
 RECOMMENDED_MAX_REFERENCES = 3  # the released models were trained with 1-3 references
+MAX_REFERENCE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (about 9459×9459); larger images are refused
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,39 @@ def as_references(items) -> list[Reference]:
     return [item if isinstance(item, Reference) else Reference(item) for item in items]
 
 
+def _is_pil(image) -> bool:
+    return hasattr(image, "convert") and hasattr(image, "mode")
+
+
+def _check_pixels(image, name: str) -> None:
+    if image.width * image.height > MAX_REFERENCE_PIXELS:
+        raise RefAlignInputError(f"{name}: {image.width}x{image.height} is larger than {MAX_REFERENCE_PIXELS:,} "
+                                 "pixels; downscale it first")
+
+
+def _pil_to_array(image, name: str) -> np.ndarray:
+    """A PIL image as an array in [0, 1] (16-bit and 32-bit grey scaled by their own range, not clipped white)."""
+    _check_pixels(image, name)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float32)
+        return values / 65535.0 if image.mode != "F" else values / (255.0 if values.max() > 1 else 1.0)
+    rgb = image.convert("RGBA") if image.mode in ("RGBA", "LA", "PA", "P") else image.convert("RGB")
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
 def to_chw(image, name: str = "reference") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PIL image, numpy array or tensor (`[H,W,C]` as ComfyUI's IMAGE, or `[C,H,W]`), uint8 or float in [0,1]
-    -> (`[3,H,W]` float in [0,1], alpha `[H,W]` or None)."""
-    if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
-        image = np.asarray(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"))
+    """PIL image, numpy array or tensor (`[H,W,C]` as ComfyUI's IMAGE, or `[C,H,W]`), uint8 / uint16 or float in
+    [0,1] -> (`[3,H,W]` float in [0,1], alpha `[H,W]` or None)."""
+    if _is_pil(image):
+        image = _pil_to_array(image, name)
     tensor = image if torch.is_tensor(image) else torch.from_numpy(np.array(image))
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255.0
+    elif tensor.dtype in (torch.uint16, torch.int32) and not torch.is_floating_point(tensor):
+        tensor = tensor.float() / 65535.0
     tensor = tensor.float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise RefAlignInputError(f"{name}: the image has NaN or infinite values")
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(-1)
     if tensor.ndim != 3:
@@ -75,12 +100,28 @@ def _mask_bbox(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
+def _reduce_large(image, mask, width: int, height: int, name: str):
+    """A PIL image (and PIL mask) far larger than the canvas, box-reduced by a whole factor first, so a 12 MP photo
+    is never turned into full-size float tensors (16/32-bit images are left to `to_chw`, which keeps their range)."""
+    if not _is_pil(image) or not (mask is None or _is_pil(mask)) or image.mode not in ("RGB", "RGBA", "L", "LA",
+                                                                                         "P", "PA", "1"):
+        return image, mask
+    _check_pixels(image, name)
+    factor = min(image.width // (2 * width), image.height // (2 * height))
+    if factor < 2:
+        return image, mask
+    if image.mode in ("P", "PA", "1"):
+        image = image.convert("RGBA" if image.mode != "1" else "L")
+    return image.reduce(factor), mask.reduce(factor) if mask is not None else None
+
+
 def fit_on_white(image, width: int, height: int, mask=None, crop_to_mask: bool = True,
                  name: str = "reference") -> torch.Tensor:
     """One reference -> `[3, height, width]` in [0,1]: scaled to fit (aspect kept), centred on white.
 
     mask `[H,W]` (1 = subject) or the image's alpha turns the background white; with `crop_to_mask` the image is
     first cropped to the mask's bounding box, as in training."""
+    image, mask = _reduce_large(image, mask, width, height, name)
     rgb, alpha = to_chw(image, name)
     if mask is not None:
         mask = (mask if torch.is_tensor(mask) else torch.from_numpy(np.array(mask))).float().squeeze()

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import RefAlignInputError
+from .paths import inside
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -43,9 +44,10 @@ def _shard_files(path: Path, what: str) -> list[Path]:
     if path.name.endswith(".index.json"):
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RefAlignInputError(f"{what}: {path} is not a safetensors index (no weight_map): {e}") from e
-        return [path.parent / name for name in sorted(set(weight_map.values()))]
+        return [inside(path.parent, name, f"{what}: {path} shard") for name in names]
     return [path]
 
 

@@ -290,6 +290,8 @@ def check_reference_latents(reference_latents: torch.Tensor, settings: SamplingS
             f"reference latents must be [1, {shape[1]}, K, {shape[3]}, {shape[4]}] for "
             f"{settings.width}x{settings.height}, got {tuple(reference_latents.shape)}"
         )
+    if not bool(torch.isfinite(reference_latents).all()):
+        raise RefAlignInputError("reference latents have NaN or infinite values")
 
 
 @torch.no_grad()
@@ -312,6 +314,8 @@ def sample_r2v(
     for name, emb in (("prompt embeddings", prompt_embeds), ("negative prompt embeddings", negative_prompt_embeds)):
         if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != dit.config.text_dim:
             raise RefAlignInputError(f"{name} must be [1, L, {dit.config.text_dim}], got {tuple(emb.shape)}")
+        if not bool(torch.isfinite(emb).all()):
+            raise RefAlignInputError(f"{name} have NaN or infinite values")
     texts = (prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float())
     schedule = {three: _guidance_passes(*texts, settings, three) for three in (True, False)}
 

@@ -150,6 +150,24 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         _, p_h, p_w = self.config.patch_size
         return (height // p_h) * (width // p_w)
 
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states) -> None:
+        """Shapes that would otherwise broadcast into a wrong result (or fail deep inside) are refused here."""
+        c = self.config
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != c.in_channels:
+            raise ValueError(f"hidden_states must be [B, {c.in_channels}, F, H, W], got {tuple(hidden_states.shape)}")
+        batch = hidden_states.shape[0]
+        _, p_h, p_w = c.patch_size
+        if hidden_states.shape[3] % p_h or hidden_states.shape[4] % p_w:
+            raise ValueError(f"the latent height and width must be multiples of the patch size {(p_h, p_w)}, got "
+                             f"{tuple(hidden_states.shape[3:])}")
+        steps = torch.as_tensor(timestep)
+        if steps.ndim > 1 or (steps.ndim == 1 and steps.shape[0] != batch):
+            raise ValueError(f"timestep must be a scalar or [B={batch}], got shape {tuple(steps.shape)}")
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or \
+                encoder_hidden_states.shape[2] != c.text_dim:
+            raise ValueError(f"encoder_hidden_states must be [B={batch}, L, {c.text_dim}], got "
+                             f"{tuple(encoder_hidden_states.shape)}")
+
     def _key_mask(self, reference_mask, batch_size, num_references, num_video_tokens, tokens_per_reference, device):
         """`[B, K]` reference mask -> self-attention key mask `[B, 1, 1, L]`, or None when nothing is padded."""
         if reference_mask is None:
@@ -192,6 +210,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         reference_mask: `[B, K]` bool, False for padding frames of a batch whose samples have fewer than K
             references (training); their tokens are hidden from every self-attention key. None: all are real.
         """
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states)
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         if reference_latents is not None and reference_latents.shape[2] > 0:
@@ -221,8 +240,6 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
-        if timestep.ndim != 1:
-            raise ValueError(f"timestep must be a scalar or [B], got shape {tuple(timestep.shape)}")
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
 

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
 from refalign_core.errors import RefAlignInputError
 from refalign_core.lora import merge_lora
-from refalign_core.tiny import tiny_dit
-from refalign_core.toy_world import make_toy_world
+from refalign_core.toy.tiny import tiny_dit
+from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui
 
 ROOT = Path(__file__).parents[1]
@@ -78,11 +78,12 @@ def data(tmp_path_factory):
 def tiny_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("tiny_run")
     world = data["manifest"].parent
-    first = json.loads(data["manifest"].read_text().splitlines()[2])  # a clip with two subjects
+    first = next(clip for clip in map(json.loads, data["manifest"].read_text().splitlines())
+                 if len(clip["references"]) == 2)
     refs = " ".join(f"--ref {world / r['image']} --mask {world / r['mask']} --name {r['subject']}"
                     for r in first["references"])
-    (out / "prompts.txt").write_text(f"# the toy world's third clip\n{first['caption']} {refs} --w 64 --h 64 --f 5 "
-                                     "--s 3 --d 1\n")
+    (out / "prompts.txt").write_text(f"# a two-subject clip of the toy world\n{first['caption']} {refs} "
+                                     "--w 64 --h 64 --f 5 --s 3 --d 1\n")
     cfg = config(out, data, previews={"prompts": str(out / "prompts.txt"), "every": 20})
     run(["--config", cfg, "--output-dir", out / "run", "--max-steps", 40])
     return out / "run"
@@ -150,6 +151,32 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data, ema_decay):
     exported = load_dit(tmp_path / "straight" / "dit.safetensors").state_dict()
     raw_weights_exported = all(torch.equal(v, last["dit." + k]) for k, v in exported.items())
     assert raw_weights_exported == (ema_decay is None)  # with EMA, the averaged weights are exported
+
+
+def test_killed_at_random_moments_it_always_resumes_bit_exactly(tmp_path, data):
+    """SIGKILL five times at random moments (start-up, caching the index, training, writing a checkpoint), resume
+    each time; the last resume ends where an uninterrupted run does."""
+    import random
+    import time
+
+    cfg = config(tmp_path, data, train={"max_steps": 24, "checkpoint_every": 1, "keep_last": 2})
+    run(["--config", cfg, "--output-dir", tmp_path / "straight"])
+    rng = random.Random(5)
+    for kill in range(5):
+        process = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "killed"),
+                                            "--resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env=ENV)
+        time.sleep(rng.uniform(4.0, 9.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        leftovers = [p.name for p in (tmp_path / "killed" / "checkpoints").glob("*")] \
+            if (tmp_path / "killed" / "checkpoints").is_dir() else []
+        assert all(name.startswith("step-") for name in leftovers), leftovers
+    run(["--config", cfg, "--output-dir", tmp_path / "killed", "--resume"])
+    for name in ("dit.safetensors", "projectors.safetensors"):
+        assert same_files(tmp_path / "straight" / name, tmp_path / "killed" / name)
+    rows = [r["step"] for r in csv.DictReader((tmp_path / "killed" / "log.csv").open())]
+    assert rows == [str(i) for i in range(1, 25)]
 
 
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])

@@ -13,11 +13,11 @@ import sys
 
 import yaml
 
-from refalign_core.errors import RefAlignInputError
+from refalign_core.errors import RefAlignInputError, run_command
 from refalign_core.training import load_training_config, train
 
 
-def main(argv=None) -> int:
+def _run(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file over the release defaults")
     parser.add_argument("--output-dir", help="where checkpoints, logs and the trained weights go")
@@ -40,13 +40,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli() -> int:
-    try:
-        return main()
-    except RefAlignInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv=None) -> int:
+    return run_command(_run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

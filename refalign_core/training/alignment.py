@@ -129,11 +129,17 @@ class FlowMatchingSample:
     weights: torch.Tensor  # w(t)  [B]
 
 
-def flow_matching_sample(latents: torch.Tensor, generator: torch.Generator, shift: float = 5.0) -> FlowMatchingSample:
-    """Draw n ~ U{0..999} per sample, x_t = (1 − σ)·x_0 + σ·ε."""
+LOSS_WEIGHTINGS = ("release", "uniform")
+
+
+def flow_matching_sample(latents: torch.Tensor, generator: torch.Generator, shift: float = 5.0,
+                         weighting: str = "release") -> FlowMatchingSample:
+    """Draw n ~ U{0..999} per sample, x_t = (1 − σ)·x_0 + σ·ε. weighting "release": w(t) as released (0 at pure
+    noise: right for fine-tuning a model that already lays out its videos); "uniform": w = 1 (training from
+    scratch, where the high-noise steps that decide the layout must be learned)."""
     sigmas = training_sigmas(shift)
     grid_t = sigmas * NUM_TRAIN_TIMESTEPS
-    weights = timestep_weights(grid_t)
+    weights = timestep_weights(grid_t) if weighting == "release" else torch.ones_like(grid_t)
     index = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
     sigma = sigmas[index].to(latents).view(-1, *[1] * (latents.ndim - 1))

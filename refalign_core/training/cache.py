@@ -160,19 +160,21 @@ def encode_clip(entry: ClipEntry, key: str, settings: CacheSettings, encoders, a
                                  f"frame bucket ({min(settings.frames)})")
     w, h, frames = bucket
     clip = load_video_clip(entry.video, frames, settings.fps, h, w, generator, entry.frame_range, entry.crop, info)
-    copies = [augment(reference_images(entry, w, h, a), generator) for a in range(settings.augment_copies)]
-    vae = encoders.vae
+    copies = torch.stack([augment(reference_images(entry, w, h, a), generator)
+                          for a in range(settings.augment_copies)])  # [A, K, 3, H, W]
+    vae, (a, k) = encoders.vae, copies.shape[:2]
+    references = encode_references(vae, copies.flatten(0, 1))[0].transpose(0, 1)  # every copy in one batch
     tensors = {
         "video_latents": encode_video(vae, clip[None])[0].float().cpu(),
         "prompt_embeds": trim_prompt(encode_prompts(encoders.text_encoder, [entry.caption])[0]),
-        "reference_latents": torch.stack([encode_references(vae, c)[0].transpose(0, 1) for c in copies]).float(),
+        "reference_latents": references.unflatten(0, (a, k)).float(),  # [A, K, 16, h, w]
     }
     if settings.store_images:
-        tensors["reference_images"] = (torch.stack(copies) * 255).round().to(torch.uint8)
+        tensors["reference_images"] = (copies * 255).round().to(torch.uint8)
     else:
         device = next(vae.parameters()).device  # the encoders share one device
-        tokens = torch.stack([encoders.vfm(c.to(device)).flatten(0, 1) for c in copies])
-        tensors["vfm_tokens"] = tokens.to(getattr(torch, settings.vfm_dtype)).cpu()
+        tokens = encoders.vfm(copies.flatten(0, 1).to(device))  # [A·K, T, D]
+        tensors["vfm_tokens"] = tokens.unflatten(0, (a, k)).flatten(1, 2).to(getattr(torch, settings.vfm_dtype)).cpu()
     metadata = {"width": w, "height": h, "frames": frames, "references": len(entry.references),
                 "source": entry.source}
     return tensors, metadata

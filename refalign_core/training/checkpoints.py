@@ -128,14 +128,20 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
+        try:
+            self.accelerator.save_state(str(tmp))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                state = {"step": step, "world_size": self.accelerator.num_processes,
+                         "distributed_type": str(self.accelerator.distributed_type), "config": config}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        except BaseException:  # a full disk, Ctrl-C: no half checkpoint stays behind
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.accelerator.is_main_process:
-            state = {"step": step, "world_size": self.accelerator.num_processes,
-                     "distributed_type": str(self.accelerator.distributed_type), "config": config}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
             self._prune()
         self.accelerator.wait_for_everyone()
         return final

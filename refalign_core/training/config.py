@@ -118,6 +118,8 @@ class TrainConfig:
     max_grad_norm: float | None = field(default=None, metadata=POSITIVE)  # None: no clipping, as released
     ema_decay: float | None = field(default=None, metadata=_range(0, 1, True, True))  # export an EMA of the weights
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    # the flow-matching loss weight over timesteps: "release" (w(t), 0 at pure noise) or "uniform" (from scratch)
+    loss_weighting: Literal["release", "uniform"] = "release"
 
 
 @dataclass

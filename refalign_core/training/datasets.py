@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import RefAlignInputError
+from ..paths import inside
 from ..video_io import load_image
 from .data import SkipCounter, file_identity, read_video_frame
 
@@ -119,19 +120,6 @@ class ClipEntry:
     crop: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) cut out before resizing
     repeats: int = 1
     dataset: int = 0  # index in data.datasets
-
-
-def inside(folder: Path, relative: str, what: str) -> Path:
-    """`relative` resolved inside `folder`; an absolute path is the user's choice, a `..` escape is refused."""
-    if not isinstance(relative, str) or not relative:
-        raise RefAlignInputError(f"{what}: expected a path, got {relative!r}")
-    path = Path(relative)
-    if path.is_absolute():
-        return path
-    resolved = (folder / path).resolve()
-    if not resolved.is_relative_to(folder.resolve()):
-        raise RefAlignInputError(f"{what}: {relative} points outside {folder}")
-    return folder / path
 
 
 def _limit(references: list[ReferenceEntry], max_references: int, source: str) -> list[ReferenceEntry]:

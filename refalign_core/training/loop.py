@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from ..checkpoint import CONFIG_METADATA_KEY, diffusers_to_original_key, load_dit
+from ..checkpoint import CONFIG_METADATA_KEY, apply_layerwise_casting, diffusers_to_original_key, load_dit
 from ..errors import RefAlignInputError
+from ..paths import check_output_folder
 from ..safetensors_io import read_safetensors, write_safetensors
 from ..text_encoder import TextEncoder, load_text_encoder
 from ..vae import load_vae
@@ -63,14 +64,14 @@ class Encoders:
     @functools.cached_property
     def vae(self):
         if self.model.vae == "tiny":
-            from ..tiny import tiny_vae
+            from ..toy.tiny import tiny_vae
             return tiny_vae(self.seed).to(self.device)
         return load_vae(self.model.vae, device=self.device)
 
     @functools.cached_property
     def text_encoder(self) -> TextEncoder:
         if self.model.text_encoder == "tiny":
-            from ..tiny import char_tokenizer, tiny_text_encoder
+            from ..toy.tiny import char_tokenizer, tiny_text_encoder
             return TextEncoder(char_tokenizer(), tiny_text_encoder(self.seed).to(self.device))
         return load_text_encoder(self.model.text_encoder, device=self.device)
 
@@ -86,7 +87,7 @@ def _dataset_entries(config: TrainingConfig, output_dir: Path, accelerator):
     """The clips of every configured dataset (a generated toy world when none is configured)."""
     sources = config.data.datasets
     if not sources:
-        from ..toy_world import make_toy_world
+        from ..toy.world import make_toy_world
         from .config import DatasetSource
 
         manifest = output_dir / "data" / "manifest.jsonl"
@@ -139,11 +140,10 @@ def build_module(config: TrainingConfig, vfm_dim: int, vfm=None) -> RefAlignTrai
     m, t = config.model, config.train
     base_dtype = WEIGHT_DTYPES.get(config.memory.base_weights)
     if m.dit == "tiny":
-        from ..tiny import tiny_dit
+        from ..toy.tiny import tiny_dit
         dit = tiny_dit(config.seed, **(m.dit_config or {}))
         if base_dtype is not None:
-            from ..checkpoint import _apply_layerwise_casting
-            _apply_layerwise_casting(dit, base_dtype, torch.float32)
+            apply_layerwise_casting(dit, base_dtype, torch.float32)
     else:
         dit = load_dit(m.dit, weight_dtype=base_dtype)
     dit.train()
@@ -177,7 +177,7 @@ def build_module(config: TrainingConfig, vfm_dim: int, vfm=None) -> RefAlignTrai
     a = config.alignment
     return RefAlignTrainingModule(dit, projectors, ra_weight=a.weight, shift=config.shift, pos_margin=a.pos_margin,
                                   neg_margin=a.neg_margin, neg_weight=a.neg_weight,
-                                  vfm=vfm if a.vfm_online else None)
+                                  vfm=vfm if a.vfm_online else None, loss_weighting=config.train.loss_weighting)
 
 
 def export(state: dict[str, torch.Tensor], dit_config, output_dir: Path, config: TrainingConfig) -> dict[str, Path]:
@@ -207,11 +207,13 @@ class TrainingLog:
         self.path, self.main = path, main
         if not main:
             return
-        if start == 0 or not path.is_file():
-            path.write_text(",".join(LOG_COLUMNS) + "\n")
-        else:
-            rows = path.read_text().splitlines()
-            path.write_text("\n".join([rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= start]) + "\n")
+        rows = path.read_text().split("\n")[1:-1] if start > 0 and path.is_file() else []
+        # a killed run may have left a cut last row: keep whole rows up to the checkpoint we resume from
+        kept = [r for r in rows if r.count(",") == len(LOG_COLUMNS) - 1 and r.split(",")[0].isdigit()
+                and int(r.split(",")[0]) <= start]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join([",".join(LOG_COLUMNS)] + kept) + "\n")
+        os.replace(tmp, path)
 
     def write(self, values: dict) -> None:
         if self.main:
@@ -333,6 +335,26 @@ def _set_learning_rate(optimizer, scheduler, lr: float) -> None:
     lambda_lr._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def check_inputs(config: TrainingConfig, output_dir: Path) -> None:
+    """Every file the run will need exists and the output folder can be written, before hours of caching."""
+    named = {"model.dit": config.model.dit, "model.vae": config.model.vae,
+             "model.text_encoder": config.model.text_encoder,
+             "alignment.init_projectors": config.alignment.init_projectors}
+    if config.model.vfm != "efficientnet-lite0":
+        named["model.vfm"] = config.model.vfm
+    for key, value in named.items():
+        if value not in (None, "tiny") and not Path(value).exists():
+            raise RefAlignInputError(f"{key}: {value} does not exist")
+    for i, source in enumerate(config.data.datasets):
+        for key in ("path", "videos", "backgrounds"):
+            value = getattr(source, key)
+            if value is not None and not Path(value).exists():
+                raise RefAlignInputError(f"data.datasets[{i}].{key}: {value} does not exist")
+    check_output_folder(output_dir, "--output-dir")
+    if config.data.cache_dir is not None:
+        check_output_folder(Path(config.data.cache_dir), "data.cache_dir")
+
+
 def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: bool = False) -> TrainingResult:
     """Train (or, with `resume`, continue from the newest readable checkpoint in `output_dir`)."""
     from diffusers.training_utils import EMAModel
@@ -340,6 +362,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
 
     config = config.validated()
     output_dir = Path(output_dir)
+    check_inputs(config, output_dir)
     t = config.train
     prompts = read_sample_prompts(config.previews.prompts, config.previews.shift or config.shift) \
         if config.previews.prompts else None

@@ -87,10 +87,10 @@ class RefAlignTrainingModule(nn.Module):
 
     def __init__(self, dit: nn.Module, projectors: AlignmentProjectors | None, ra_weight: float = 1.0,
                  shift: float = 5.0, pos_margin: float = 0.0, neg_margin: float = 1.0, neg_weight: float = 1.0,
-                 vfm: nn.Module | None = None):
+                 vfm: nn.Module | None = None, loss_weighting: str = "release"):
         super().__init__()
         self.dit, self.projectors, self.vfm = dit, projectors, vfm
-        self.ra_weight, self.shift = ra_weight, shift
+        self.ra_weight, self.shift, self.loss_weighting = ra_weight, shift, loss_weighting
         self.margins = dict(pos_margin=pos_margin, neg_margin=neg_margin, neg_weight=neg_weight)
 
     def teacher_tokens(self, batch: TrainingBatch, device) -> torch.Tensor:
@@ -113,7 +113,7 @@ class RefAlignTrainingModule(nn.Module):
 
     def forward(self, batch: TrainingBatch) -> StepLosses:
         device = next(self.dit.parameters()).device
-        fm = flow_matching_sample(batch.latents.to(device), batch.generator, self.shift)
+        fm = flow_matching_sample(batch.latents.to(device), batch.generator, self.shift, self.loss_weighting)
         blocks = self.projectors.block_indices if self.projectors is not None else None
         mask = batch.reference_mask.to(device)
         out = self.dit(fm.noisy, fm.timesteps, batch.text.to(device), reference_latents=batch.references.to(device),

@@ -132,8 +132,9 @@ class Previews:
     def truncate(self, step: int) -> None:
         """Drop scores logged after `step` (a resumed run logs them again)."""
         if self.main and self.scores_path.is_file():
-            rows = self.scores_path.read_text().splitlines()
-            kept = [rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= step]
+            rows = self.scores_path.read_text().split("\n")
+            kept = [rows[0]] + [r for r in rows[1:-1] if r.count(",") == 3 and r.split(",")[0].isdigit()
+                                and int(r.split(",")[0]) <= step]
             self.scores_path.write_text("\n".join(kept) + "\n")
 
     @torch.no_grad()

@@ -5,13 +5,13 @@ resolution / length / bucket histograms, and a contact sheet of the references a
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..errors import RefAlignInputError
+from ..errors import RefAlignInputError, run_command
+from ..paths import check_output_folder
 from ..references import fit_on_white
 from .buckets import assign_bucket
 from .config import load_training_config
@@ -111,7 +111,7 @@ def dataset_report(config, out: Path, sheet_rows: int = 48) -> dict:
     return report
 
 
-def main(argv=None) -> int:
+def _run(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m refalign_core.prepare", description=__doc__)
     parser.add_argument("--config", help="a training config: its data.datasets, buckets and fps are checked")
     parser.add_argument("--dataset", help="or one dataset: a manifest .jsonl, a creator's folder or an OpenS2V JSON")
@@ -123,21 +123,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for report.json, report.md, contact_sheet.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = list(args.set)
-        if args.dataset:
-            fmt = args.format or ("folder" if Path(args.dataset).is_dir() else "jsonl")
-            source = {"path": args.dataset, "format": fmt} | ({"videos": args.videos} if args.videos else {})
-            overrides.append(f"data.datasets={json.dumps([source])}")
-        elif not args.config:
-            raise RefAlignInputError("prepare: give --config or --dataset")
-        for key in ("dit", "vae", "text_encoder"):  # not needed to check data
-            overrides.append(f"model.{key}=tiny")
-        config = load_training_config(args.config, overrides)
-        report = dataset_report(config, Path(args.out))
-    except RefAlignInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    overrides = list(args.set)
+    if args.dataset:
+        fmt = args.format or ("folder" if Path(args.dataset).is_dir() else "jsonl")
+        source = {"path": args.dataset, "format": fmt} | ({"videos": args.videos} if args.videos else {})
+        overrides.append(f"data.datasets={json.dumps([source])}")
+    elif not args.config:
+        raise RefAlignInputError("prepare: give --config or --dataset")
+    for key in ("dit", "vae", "text_encoder"):  # not needed to check data
+        overrides.append(f"model.{key}=tiny")
+    config = load_training_config(args.config, overrides)
+    check_output_folder(Path(args.out), "--out")
+    report = dataset_report(config, Path(args.out))
     print(f"{report['entries']} entries: {report['usable']} usable, {report['skipped']} skipped "
           f"({report['skipped_by_kind']}); report in {args.out}")
     return 0 if report["usable"] else 1
+
+
+def main(argv=None) -> int:
+    return run_command(_run, argv)
