@@ -23,7 +23,7 @@ from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion
 make_torchvision_importable()
 
 from refalign_core.checkpoint import save_dit  # noqa: E402
-from refalign_core.tiny import tiny_dit  # noqa: E402
+from refalign_core.toy.tiny import tiny_dit  # noqa: E402
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,
                 in_channels=16, out_channels=16)

@@ -6,7 +6,7 @@ runs interleaved, medians.
 Columns: DiT evaluations per video (guidance passes × the fraction of blocks that computed; a cache that skips
 the tail counts its first block only), wall-time speedup vs the default, latent RMSE vs the default output (÷ the
 default's latent std), and on the shipped toy model the Identity Check overall score and its change.
-Configs: the shipped toy model (its defaults: 25 Euler steps, three passes, 64×64×17), and Wan2.1-1.3B shapes
+Configs: the shipped toy model (its defaults: 25 Euler steps, three passes, 128×128×9), and Wan2.1-1.3B shapes
 (random weights, 9×240×416, one reference, 512 text tokens, 4 steps) with `--wan-blocks` of its 30 blocks (the
 ratios are per block; identity is meaningless on random weights).
 MagCache is calibrated on the model during the warm-up (one uncached run), not timed.
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from refalign_core.demo import DEMO_PROMPT, DEMO_SUBJECTS, demo_references, embedded_bundle
+from refalign_core.toy.demo import DEMO_NAMES, DEMO_PROMPT, demo_references, embedded_bundle
 from refalign_core.identity import IdentitySettings, check_identity
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.tiny import tiny_dit
+from refalign_core.toy.tiny import tiny_dit
 from refalign_core.vfm import load_vfm
 
 TOY_FEATURES = {
@@ -117,7 +117,7 @@ def toy(runs: int) -> float:
     identity = {}
     for name, options in TOY_FEATURES.items():
         video = frames[tuple(sorted(options.items()))]
-        identity[name] = check_identity(references, video, vfm, names=[s.id for s in DEMO_SUBJECTS],
+        identity[name] = check_identity(references, video, vfm, names=list(DEMO_NAMES),
                                         settings=IdentitySettings(sample_frames=len(video)),
                                         backbone_name="efficientnet-lite0").overall
     return report(f"shipped toy model, {runs} interleaved runs (median wall time)", results, identity)

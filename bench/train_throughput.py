@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import torch
 
 from refalign_core.text_encoder import TextEncoder
-from refalign_core.tiny import char_tokenizer, tiny_dit, tiny_text_encoder, tiny_vae
-from refalign_core.toy_world import make_toy_world
+from refalign_core.toy.tiny import char_tokenizer, tiny_dit, tiny_text_encoder, tiny_vae
+from refalign_core.toy.world import make_toy_world
 from refalign_core.training.alignment import AlignmentProjectors, default_aligned_blocks
 from refalign_core.training.buckets import BucketBatchSampler
 from refalign_core.training.cache import CacheSettings, FeatureCache, build_cache, write_index

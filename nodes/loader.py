@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..refalign_core.acceleration import ATTENTION_BACKENDS, compile_blocks, set_attention_backend
-from ..refalign_core.bundles import BUNDLE_FILE, read_bundle
+from ..refalign_core.bundles import embedded_bundles, read_bundle
 from ..refalign_core.checkpoint import load_dit
-from ..refalign_core.demo import SHIPPED_BASELINE, embedded_bundle
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.lora import LoraSpec, apply_loras
 from ..refalign_core.pipeline import DiTDenoiser, VAECodec
@@ -20,8 +19,6 @@ from ..refalign_core.text_encoder import TextEncoder, encode_prompts, load_text_
 from ..refalign_core.vae import load_vae
 from . import runtime
 
-EMBEDDED = "embedded toy model (CPU demo)"
-EMBEDDED_BASELINE = "embedded toy baseline (RA loss off)"
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp8_e4m3fn": torch.float8_e4m3fn}
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,9 +126,8 @@ def load_refalign_model(name: str, weight_dtype: str, compute_dtype: str, offloa
     none); a native model takes ComfyUI's own (--use-sage-attention, TorchCompileModel)."""
     device = runtime.torch_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
-    bundles = runtime.bundle_folders()
-    folder = {EMBEDDED: embedded_bundle, EMBEDDED_BASELINE: lambda: SHIPPED_BASELINE}.get(name)
-    bundle = read_bundle(folder() if folder else bundles[name]) if folder or name in bundles else None
+    bundles = embedded_bundles() | runtime.bundle_folders()
+    bundle = read_bundle(bundles[name]) if name in bundles else None
     dit_path = bundle.dit if bundle else runtime.model_path(name)
     model = RefAlignModel(name=name)
     if bundle:
@@ -207,8 +203,7 @@ class RefAlignLoader:
     @classmethod
     def INPUT_TYPES(cls):
         runtime.register_model_folder()
-        embedded = [EMBEDDED] + ([EMBEDDED_BASELINE] if (SHIPPED_BASELINE / BUNDLE_FILE).is_file() else [])
-        choices = embedded + list(runtime.bundle_folders()) + runtime.model_files()
+        choices = list(embedded_bundles()) + list(runtime.bundle_folders()) + runtime.model_files()
         return {"required": {
             "model_name": (choices, {"tooltip": "A DiT .safetensors from models/refalign or models/diffusion_models "
                                                 "(e.g. RefAlign-1.3B), a bundle folder in models/refalign, or the "

@@ -1,7 +1,9 @@
 """Wan2.1 VAE: diffusers `AutoencoderKLWan` from one local safetensors file (original Wan naming, ComfyUI's
 `wan_2.1_vae.safetensors`, or diffusers naming) with the shipped config. Latents are mean/std-normalised, as the
-DiT sees them."""
+DiT sees them. Other VAEs with the Wan2.1 latent layout (the embedded toy model's) are saved with their class name
+and config and loaded by that name from an allowlist."""
 
+import importlib
 import json
 import os
 import re
@@ -13,11 +15,13 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from .errors import RefAlignInputError
 from .safetensors_io import read_safetensors, write_safetensors
-from .toy_vae import ToyVideoVAE
 
 WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"
 CONFIG_METADATA_KEY = "refalign.vae_config"
-CLASS_METADATA_KEY = "refalign.vae_class"  # "ToyVideoVAE" for the embedded toy model; absent for Wan2.1 VAEs
+CLASS_METADATA_KEY = "refalign.vae_class"  # absent for Wan2.1 VAEs
+# VAE classes a file may name (a file never chooses which code runs): class name -> module, imported only when a file
+# names it, so loading a Wan2.1 VAE imports nothing of the toy world
+OTHER_VAE_CLASSES = {"ToyVideoVAE": ".toy.vae"}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 _RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
              "conv_shortcut": "shortcut"}
@@ -80,11 +84,18 @@ def _wan_vae_state_and_config(state_dict: dict, metadata: dict, path) -> tuple[d
     return state_dict, config
 
 
+def _other_vae_class(name: str, path):
+    if name not in OTHER_VAE_CLASSES:
+        raise RefAlignInputError(f"{path}: VAE class {name!r} is not one we load (known: {sorted(OTHER_VAE_CLASSES)})")
+    return getattr(importlib.import_module(OTHER_VAE_CLASSES[name], package=__package__), name)
+
+
 def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
-                        path="VAE") -> AutoencoderKLWan | ToyVideoVAE:
+                        path="VAE") -> torch.nn.Module:
     metadata = metadata or {}
-    if metadata.get(CLASS_METADATA_KEY) == ToyVideoVAE.__name__:
-        vae_class, config = ToyVideoVAE, json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+    if CLASS_METADATA_KEY in metadata:
+        vae_class = _other_vae_class(metadata[CLASS_METADATA_KEY], path)
+        config = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
     else:
         vae_class = AutoencoderKLWan
         state_dict, config = _wan_vae_state_and_config(state_dict, metadata, path)
@@ -93,23 +104,25 @@ def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype
     try:
         vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        layout = "Wan2.1 VAE layout" if vae_class is AutoencoderKLWan else "ToyVideoVAE config"
+        layout = "Wan2.1 VAE layout" if vae_class is AutoencoderKLWan else f"{vae_class.__name__} config"
         raise RefAlignInputError(f"{path} does not match the {layout}: {e}") from e
     return vae.eval().requires_grad_(False)
 
 
-def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> AutoencoderKLWan | ToyVideoVAE:
+def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> torch.nn.Module:
     """Load a Wan2.1 VAE from a local .safetensors file (any supported naming), or a saved `ToyVideoVAE`."""
     state_dict, metadata = read_safetensors(path, "VAE")
     return vae_from_state_dict(state_dict, metadata, dtype=dtype, device=device, path=str(path))
 
 
-def save_vae(vae: AutoencoderKLWan | ToyVideoVAE, path: str | os.PathLike) -> None:
-    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata. A `ToyVideoVAE` is saved
-    with its own key names and its whole config."""
-    if isinstance(vae, ToyVideoVAE):
+def save_vae(vae: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata. Another VAE class (see
+    `OTHER_VAE_CLASSES`) is saved with its own key names, its class name and its whole config."""
+    if not isinstance(vae, AutoencoderKLWan):
+        name = type(vae).__name__
+        _other_vae_class(name, path)
         config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
-        write_safetensors(dict(vae.state_dict()), path, {CLASS_METADATA_KEY: ToyVideoVAE.__name__,
+        write_safetensors(dict(vae.state_dict()), path, {CLASS_METADATA_KEY: name,
                                                          CONFIG_METADATA_KEY: json.dumps(config)})
         return
     defaults = json.loads(WAN21_VAE_CONFIG.read_text())
@@ -125,7 +138,7 @@ def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(config["latents_mean"]).view(shape), torch.tensor(config["latents_std"]).view(shape)
 
 
-def latent_stats(vae: AutoencoderKLWan | ToyVideoVAE, like: torch.Tensor | None = None):
+def latent_stats(vae: torch.nn.Module, like: torch.Tensor | None = None):
     """A loaded VAE's own per-channel latent mean and std, `[1, C, 1, 1, 1]` each, with `like`'s dtype and device."""
     like = like if like is not None else torch.empty(0)
     shape = (1, vae.config.z_dim, 1, 1, 1)

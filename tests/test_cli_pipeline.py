@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from refalign_core.__main__ import main
-from refalign_core.demo import build_random_bundle
+from refalign_core.toy.demo import DEMO_SETTINGS, build_random_bundle
 from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.video_io import read_video_frames
@@ -96,7 +96,7 @@ def test_demo_command_writes_its_outputs(tmp_path, bundle, capsys):
     printed = capsys.readouterr().out
     for name in ("demo.mp4", "demo.webp", "contact_sheet.png", "identity.json", "identity.txt"):
         assert (tmp_path / name).stat().st_size > 0 and name in printed
-    assert read_video_frames(tmp_path / "demo.mp4").shape[0] == 17
+    assert read_video_frames(tmp_path / "demo.mp4").shape[0] == DEMO_SETTINGS.num_frames
 
 
 def test_core_imports_nothing_from_comfyui():

@@ -7,6 +7,9 @@ import torch
 
 import comfy_stubs
 from pack import load_pack
+from refalign_core.bundles import EMBEDDED
+
+EMBEDDED_MODEL = next(iter(EMBEDDED))
 
 NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck",
             "RefAlignModelPatch", "RefAlignSubjectConditioning"]
@@ -27,7 +30,7 @@ def toy(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the embedded bundle is built into this test's cache folder
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         pack = load_pack()
-        model, native = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(pack.nodes.loader.EMBEDDED, "default",
+        model, native = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(EMBEDDED_MODEL, "default",
                                                                           "auto", "none")
         assert native is None  # no ComfyUI here: our reference DiT
         yield pack, model
@@ -63,20 +66,20 @@ def test_registration_tooltips_descriptions_and_categories():
 def test_loader_lists_and_loads_files_bundles_and_the_embedded_model(comfy):
     pack, state, root = comfy
     from refalign_core.checkpoint import save_dit
-    from refalign_core.tiny import tiny_dit
+    from refalign_core.toy.tiny import tiny_dit
     loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
     os.makedirs(root / "models" / "diffusion_models", exist_ok=True)
     save_dit(tiny_dit(), root / "models" / "diffusion_models" / "tiny_wan.safetensors")
     choices = loader.INPUT_TYPES()["required"]["model_name"][0]
     assert (root / "models" / "refalign").is_dir()  # models/refalign registered and created
-    assert choices[0] == pack.nodes.loader.EMBEDDED and "tiny_wan.safetensors" in choices
+    assert choices[0] == EMBEDDED_MODEL and "tiny_wan.safetensors" in choices
     model, native = loader().load("tiny_wan.safetensors", "fp8_e4m3fn", "auto", "comfy_managed")
     assert native is None  # the stubs have no ComfyUI model machinery: our DiT under ComfyUI's memory manager
     assert model.vae is None and model.patchers["dit"].model.diffusion_model is model.dit
     assert model.dit.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     model.denoiser()
     assert state["loaded"] == [[model.patchers["dit"]]]
-    embedded, _ = loader().load(pack.nodes.loader.EMBEDDED, "default", "fp32", "comfy_managed")
+    embedded, _ = loader().load(EMBEDDED_MODEL, "default", "fp32", "comfy_managed")
     assert set(embedded.patchers) == {"dit", "vae", "text_encoder"}  # VAE and umT5 are not pinned to the device
     pack.refalign_core.pipeline.RefAlignPipeline(embedded.dit, embedded.vae, embedded.text_encoder).save_bundle(
         root / "models" / "refalign" / "my_bundle")
@@ -162,7 +165,7 @@ def test_loader_applies_a_lora_from_the_loras_folder_to_our_dit(comfy):
     (root / "models" / "loras").mkdir(parents=True)
     save_file(comfy_lora(), root / "models" / "loras" / "mine.safetensors")
     from refalign_core.checkpoint import save_dit
-    from refalign_core.tiny import tiny_dit
+    from refalign_core.toy.tiny import tiny_dit
     (root / "models" / "diffusion_models").mkdir(parents=True)
     save_dit(tiny_dit(0), root / "models" / "diffusion_models" / "tiny.safetensors")
     optional = loader.INPUT_TYPES()["optional"]
@@ -199,7 +202,7 @@ class NativeVAE:
 
 def test_sampler_with_native_conditioning_and_vae_matches_the_bundle_path(comfy):
     pack, _, root = comfy
-    from refalign_core.demo import build_random_bundle
+    from refalign_core.toy.demo import build_random_bundle
     loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
     loader.INPUT_TYPES()  # registers models/refalign
     build_random_bundle(root / "models" / "refalign" / "wan_vae_bundle")  # a Wan2.1 VAE, like ComfyUI's native one

@@ -1,5 +1,5 @@
-"""The committed toy bundles (`models/`) are the ones `train/make_toy_bundle.py` describes, load through the core
-loader and the ComfyUI Loader node, and drive the README's demo command."""
+"""The committed toy bundles (`refalign_core/toy/models/`) are the ones `train/make_toy_bundle.py` describes, load
+through the core loader and the ComfyUI Loader node, and drive the README's demo command."""
 
 import hashlib
 import importlib.util
@@ -16,9 +16,14 @@ from PIL import Image
 import comfy_stubs
 from pack import load_pack
 from refalign_core.checkpoint import load_dit
-from refalign_core.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
+from refalign_core.bundles import EMBEDDED_FOLDER
+from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, SHIPPED_POSITIVE_ONLY, demo_references, \
+    embedded_bundle
 from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.toy_vae import ToyVideoVAE
+from refalign_core.toy.vae import ToyVideoVAE
+from refalign_core.bundles import EMBEDDED
+
+EMBEDDED_MODEL, EMBEDDED_BASELINE = list(EMBEDDED)
 
 ROOT = Path(__file__).parents[1]
 RECORD = json.loads((SHIPPED_BUNDLE / "recipe.json").read_text())
@@ -29,24 +34,28 @@ def test_recorded_recipe_is_the_scripts_recipe():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert RECORD["recipe"] == json.loads(json.dumps(script.RECIPE))
-    assert RECORD["command"] == "python train/make_toy_bundle.py --out models"
+    assert RECORD["command"] == "python train/make_toy_bundle.py"
 
 
 @pytest.mark.parametrize("name", sorted(RECORD["sha256"]))
 def test_committed_files_match_the_recorded_hashes(name):
-    assert hashlib.sha256((ROOT / "models" / name).read_bytes()).hexdigest() == RECORD["sha256"][name]
+    assert hashlib.sha256((EMBEDDED_FOLDER / name).read_bytes()).hexdigest() == RECORD["sha256"][name]
 
 
 def test_shipped_bundles_are_small_complete_and_load():
-    files = [p for folder in (SHIPPED_BUNDLE, SHIPPED_BASELINE) for p in folder.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 25 * 2**20
-    assert {str(p.relative_to(ROOT / "models")) for p in files} - {"refalign_toy/recipe.json"} == set(RECORD["sha256"])
+    bundles = (SHIPPED_BUNDLE, SHIPPED_BASELINE, SHIPPED_POSITIVE_ONLY)
+    files = [p for folder in bundles for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 40 * 2**20
+    assert {str(p.relative_to(EMBEDDED_FOLDER)) for p in files} - {"refalign_toy/recipe.json"} == set(RECORD["sha256"])
     assert embedded_bundle() == SHIPPED_BUNDLE
-    pipe, baseline = RefAlignPipeline.from_bundle(SHIPPED_BUNDLE), RefAlignPipeline.from_bundle(SHIPPED_BASELINE)
-    assert isinstance(pipe.vae, ToyVideoVAE) and pipe.text_encoder is not None and baseline.vae is not None
-    a = load_dit(SHIPPED_BUNDLE / "dit.safetensors").state_dict()
-    b = load_dit(SHIPPED_BASELINE / "dit.safetensors").state_dict()
-    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    pipes = [RefAlignPipeline.from_bundle(folder) for folder in bundles]
+    assert all(isinstance(p.vae, ToyVideoVAE) and p.text_encoder is not None for p in pipes)
+    dits = [load_dit(folder / "dit.safetensors").state_dict() for folder in bundles]
+    assert all(d.keys() == dits[0].keys() for d in dits)
+    assert not any(all(torch.equal(a[k], b[k]) for k in a) for a, b in ((dits[0], dits[1]), (dits[0], dits[2])))
+    for folder in bundles:  # each bundle is whole on its own: its JSON names no file outside it
+        manifest = json.loads((folder / "refalign_bundle.json").read_text())
+        assert all(".." not in str(manifest.get(k)) for k in ("dit", "vae", "text_encoder"))
 
 
 def test_workflow_example_images_are_the_demo_references():
@@ -65,7 +74,7 @@ def pack(tmp_path):
 def test_loader_node_offers_and_loads_both_embedded_models(pack):
     loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
     choices = loader.INPUT_TYPES()["required"]["model_name"][0]
-    names = (pack.nodes.loader.EMBEDDED, pack.nodes.loader.EMBEDDED_BASELINE)
+    names = (EMBEDDED_MODEL, EMBEDDED_BASELINE)
     assert choices[:2] == list(names)
     dits = [loader().load(name, "default", "fp32", "none")[0].dit for name in names]
     assert not torch.equal(dits[0].blocks[0].attn1.to_q.weight, dits[1].blocks[0].attn1.to_q.weight)
@@ -78,7 +87,9 @@ def test_readme_demo_command_runs_on_the_shipped_model(tmp_path):
     for name in ("demo.mp4", "demo.webp", "contact_sheet.png", "identity.json", "identity.txt"):
         assert (tmp_path / name).stat().st_size > 0 and str(tmp_path / name) in result.stdout
     report = json.loads((tmp_path / "identity.json").read_text())
-    assert len(report["subjects"]) == 2
+    assert len(report["subjects"]) == 2 and set(report["ceiling"]) == {s["name"] for s in report["subjects"]}
+    assert "ceiling (the same check on the toy world's own clip" in (tmp_path / "identity.txt").read_text()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".demo-")]  # its staging folder is gone
 
 
 @pytest.mark.parametrize("name", ["refalign_toy_demo", "refalign_ab_identity_comparison"])

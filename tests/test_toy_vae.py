@@ -5,8 +5,8 @@ import torch
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.tiny import tiny_dit
-from refalign_core.toy_vae import ToyVideoVAE
+from refalign_core.toy.tiny import tiny_dit
+from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.vae import decode_latents, encode_video, load_vae, save_vae
 
 
@@ -54,3 +54,14 @@ def test_save_load_round_trip_and_bundle(tmp_path):
     with pytest.raises(RefAlignInputError, match="vae_tiling.*ToyVideoVAE"):
         RefAlignPipeline.from_files(tmp_path / "bundle" / "dit.safetensors", tmp_path / "toy.safetensors",
                                     vae_tiling=True)
+
+
+def test_the_inference_path_imports_nothing_of_the_toy_world_or_training():
+    import subprocess
+    import sys
+
+    code = ("import sys, refalign_core, refalign_core.pipeline, refalign_core.vae, refalign_core.checkpoint, "
+            "refalign_core.identity, refalign_core.eval, refalign_core.bundles;"
+            "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', 'refalign_core.training'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

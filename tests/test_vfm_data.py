@@ -6,7 +6,7 @@ import skimage.data as skimage_data
 import torch.nn.functional as F
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.toy_world import make_toy_world
+from refalign_core.toy.world import FPS, make_toy_world
 from refalign_core.training.data import ReferenceAugmentation, SkipCounter, VideoInfo, load_video_clip, probe_video
 from refalign_core.training.datasets import read_jsonl
 from refalign_core.vfm import IMAGENET_MEAN, IMAGENET_STD, DinoVFM, EfficientNetLite0VFM, _normalize, load_efficientnet_lite0
@@ -84,12 +84,12 @@ def test_manifest_skips_bad_lines_and_counts_them(tmp_path):
 def test_video_clip_sampling_resizes_crops_and_resamples(tmp_path):
     manifest = make_toy_world(tmp_path, num_videos=1, size=64, frames=17)
     video = read_jsonl(manifest, SkipCounter())[0].video
-    assert probe_video(video) == VideoInfo(64, 64, 16.0, 17)
-    clip = load_video_clip(video, 5, 8, 32, 48, torch.Generator().manual_seed(0))
+    assert probe_video(video) == VideoInfo(64, 64, float(FPS), 17)
+    clip = load_video_clip(video, 5, FPS // 2, 32, 48, torch.Generator().manual_seed(0))
     assert clip.shape == (3, 5, 32, 48) and -1 <= clip.min() and clip.max() <= 1
-    assert load_video_clip(video, 9, 8, 32, 32).shape[1] == 9  # 17 frames at 16 fps -> 9 at 8 fps
+    assert load_video_clip(video, 9, FPS // 2, 32, 32).shape[1] == 9  # 17 frames at 8 fps -> 9 at 4 fps
     with pytest.raises(RefAlignInputError, match="frames"):
-        load_video_clip(video, 10, 8, 32, 32)
+        load_video_clip(video, 10, FPS // 2, 32, 32)
     # a frame range and a crop: frames 4..12 of the left half, upscaled; the same pixels as cutting by hand
     part = load_video_clip(video, 9, None, 64, 32, frame_range=(4, 13), crop=(0, 0, 32, 64))
     whole = load_video_clip(video, 17, None, 64, 64)

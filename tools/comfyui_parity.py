@@ -31,9 +31,9 @@ from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion
 make_torchvision_importable()
 
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
-from refalign_core.demo import DEMO_PROMPT, demo_references  # noqa: E402
+from refalign_core.toy.demo import DEMO_PROMPT, demo_references  # noqa: E402
 from refalign_core.lora import merge_lora  # noqa: E402
-from refalign_core.tiny import tiny_dit  # noqa: E402
+from refalign_core.toy.tiny import tiny_dit  # noqa: E402
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui  # noqa: E402
 
 WAN_SHAPED = dict(num_attention_heads=2, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=512,

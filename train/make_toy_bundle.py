@@ -1,16 +1,18 @@
 """The recipe for the embedded toy models: one command, CPU, fixed seeds.
 
-    python train/make_toy_bundle.py --out models [--work DIR] [--scale 1.0]
+    python train/make_toy_bundle.py [--out refalign_core/toy/models] [--work DIR] [--scale 1.0]
 
-1. toy world: training videos of training identities (`refalign_core.toy_world`);
+1. toy world: training clips of training identities (`refalign_core.toy.world`);
 2. text encoder: a word-level tokenizer over the toy vocabulary + a small frozen, seeded umT5;
-3. VAE: a `ToyVideoVAE` (Wan2.1 latent layout, 2-D convolutions) trained to reconstruct toy clips and
-   references (L1), then its latent mean / std measured and stored in its config;
-4. two DiTs with `train/train.py` on the same cached data and steps: RefAlign (RA loss, VFM = EfficientNet-Lite0)
-   and a baseline (RA off);
-5. bundles `refalign_toy/` and `refalign_toy_baseline/` (sharing VAE and text encoder) and `refalign_toy/recipe.json`
-   with the settings, wall times and a SHA-256 of every file.
-`--scale` multiplies every step count (the tests use a tiny scale)."""
+3. VAE: a `ToyVideoVAE` (Wan2.1 latent layout, 2-D convolutions) trained to reconstruct crops of toy clips and
+   references (L1), then its latent mean / std measured on whole clips and stored in its config;
+4. three DiTs with `refalign_core.training.train` on the same cached data, steps and seed: RefAlign (RA loss, VFM =
+   EfficientNet-Lite0), the baseline (RA off) and positive-only RA (no push term; for the ablation);
+5. bundles `refalign_toy/`, `refalign_toy_baseline/` and `refalign_toy_positive_only/` (each whole: DiT, VAE,
+   text encoder, defaults) and `refalign_toy/recipe.json` with the settings, wall times and a SHA-256 of every file.
+`--scale` multiplies every step / video count (the tests use a tiny scale). With `--work DIR` an interrupted run
+picks up where it stopped: finished stages (world, text encoder + VAE, cache) are reused when their recorded
+settings match, and a DiT resumes bit-exactly from its newest checkpoint."""
 
 import argparse
 import hashlib
@@ -26,25 +28,35 @@ import torch
 
 from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.references import to_chw
-from refalign_core.tiny import tiny_text_encoder, word_tokenizer
-from refalign_core.toy_vae import ToyVideoVAE
-from refalign_core.toy_world import make_toy_world, vocabulary
+from refalign_core.toy.tiny import tiny_text_encoder, word_tokenizer
+from refalign_core.toy.vae import ToyVideoVAE
+from refalign_core.toy.world import FPS, make_toy_world, vocabulary
 from refalign_core.training import parse_config, train
 from refalign_core.training.data import SkipCounter, load_video_clip
 from refalign_core.training.datasets import read_jsonl
 from refalign_core.vae import save_vae
 from refalign_core.video_io import load_image
 
+OUT = Path(__file__).resolve().parents[1] / "refalign_core" / "toy" / "models"
 RECIPE = {
     "seed": 0,
-    "world": {"num_videos": 320, "frames": 17, "size": 64},
+    "world": {"num_videos": 1200, "frames": 9, "size": 128},
     "text_encoder": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
-    "vae": {"block_channels": [32, 64, 96, 96], "steps": 1400, "lr": 1e-3, "batch": 8, "latent_noise": 0.1},
+    "vae": {"block_channels": [32, 64, 96, 96], "steps": 1000, "lr": 1e-3, "batch": 8, "crop": 64,
+            "latent_noise": 0.1},
     "dit": {"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
             "text_dim": 64, "freq_dim": 256, "ffn_dim": 384, "num_layers": 6},
-    "train": {"max_steps": 12000, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 6000, "ema_decay": 0.999},
-    "defaults": {"width": 64, "height": 64, "num_frames": 17, "steps": 25, "shift": 1.0, "image_scale": 5.0,
-                 "text_scale": 7.5, "sampler": "euler", "fps": 8},
+    "train": {"max_steps": 4500, "batch_size": 4, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 500,
+              "ema_decay": 0.999, "loss_weighting": "uniform"},
+    "augment_copies": 2,
+    "alignment_blocks": [0, 1],
+    "defaults": {"width": 128, "height": 128, "num_frames": 9, "steps": 25, "shift": 2.0, "image_scale": 2.5,
+                 "text_scale": 2.5, "sampler": "euler", "fps": FPS},
+}
+VARIANTS = {  # bundle folder -> alignment settings
+    "refalign_toy": {"enabled": True},
+    "refalign_toy_baseline": {"enabled": False},
+    "refalign_toy_positive_only": {"enabled": True, "neg_weight": 0.0},
 }
 
 
@@ -52,25 +64,31 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train_vae(manifest: Path, settings: dict, seed: int) -> tuple[ToyVideoVAE, float]:
-    """A `ToyVideoVAE` trained with L1 on random 5-frame windows of the toy clips plus references as 1-frame clips;
-    the decoder sees latents with a little Gaussian noise (`latent_noise` × per-channel std) so it tolerates the
-    DiT's imprecision. Cosine learning-rate decay. Its latent mean / std are measured and stored in its config."""
+def train_vae(manifest: Path, settings: dict, frames: int, size: int, seed: int) -> tuple[ToyVideoVAE, float]:
+    """A `ToyVideoVAE` trained with L1 on random 5-frame windows of the clips and on references as 1-frame clips,
+    both as random `crop`-pixel crops (it is convolutional: crops teach it the whole frame at a fraction of the
+    cost); the decoder sees latents with a little Gaussian noise (`latent_noise` × per-channel std) so it tolerates
+    the DiT's imprecision. Cosine learning-rate decay. Its latent mean / std are measured on whole clips."""
     torch.manual_seed(seed)
     vae = ToyVideoVAE(block_channels=tuple(settings["block_channels"])).train()
     entries = read_jsonl(manifest, SkipCounter())
-    clips = torch.stack([load_video_clip(e.video, 17, None, 64, 64) for e in entries])  # [N, 3, 17, 64, 64]
+    clips = torch.stack([load_video_clip(e.video, frames, None, size, size) for e in entries])  # [N, 3, F, S, S]
     refs = torch.stack([to_chw(load_image(r.views[0].image))[0] for e in entries for r in e.references])
-    refs = (refs * 2 - 1)[:, :, None]  # [R, 3, 1, 64, 64] in [-1, 1]
+    refs = (refs * 2 - 1)[:, :, None]  # [R, 3, 1, S, S] in [-1, 1]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings["steps"])
     generator = torch.Generator().manual_seed(seed)
-    batch = settings["batch"]
+    batch, crop = settings["batch"], settings["crop"]
+
+    def pick(x, count):
+        chosen = x[torch.randint(0, len(x), (count,), generator=generator)]
+        top, left = (int(torch.randint(0, size - crop + 1, (1,), generator=generator)) // 8 * 8 for _ in range(2))
+        return chosen[..., top:top + crop, left:left + crop]
+
     for step in range(settings["steps"]):
-        start = int(torch.randint(0, 17 - 5 + 1, (1,), generator=generator))
+        start = int(torch.randint(0, frames - 5 + 1, (1,), generator=generator))
         loss = 0.0
-        for x in (clips[torch.randint(0, len(clips), (batch,), generator=generator), :, start:start + 5],
-                  refs[torch.randint(0, len(refs), (batch // 2,), generator=generator)]):
+        for x in (pick(clips, batch)[:, :, start:start + 5], pick(refs, batch // 2)):
             z = vae.encode(x).latent_dist.mode()
             noise = torch.randn(z.shape, generator=generator) * z.detach().std((0, 2, 3, 4), keepdim=True)
             loss = loss + (vae.decode(z + settings["latent_noise"] * noise).sample - x).abs().mean()
@@ -89,9 +107,46 @@ def train_vae(manifest: Path, settings: dict, seed: int) -> tuple[ToyVideoVAE, f
     return vae, (reconstruction.clamp(-1, 1) - clips).abs().mean().item()
 
 
+def stage(work: Path, name: str, settings: dict, build) -> float | None:
+    """Run `build(folder)` into `work/name`, or reuse that folder when an earlier run finished it with the same
+    settings. Returns the stage's wall seconds as measured by the run that built it (None if it did not record
+    them)."""
+    folder, done = work / name, work / name / "stage.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record["settings"] == settings:
+            print(f"{name}: reusing {folder}", flush=True)
+            return record["seconds"]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    build(folder)
+    seconds = time.perf_counter() - start
+    done.write_text(json.dumps({"settings": settings, "seconds": seconds}))
+    return seconds
+
+
+def dit_config(recipe: dict, manifest: Path, bundle: Path, work: Path, alignment: dict, name: str):
+    """The training config of one DiT variant (all variants share data, cache, steps and seed)."""
+    world = recipe["world"]
+    return parse_config({
+        "seed": recipe["seed"],
+        "shift": recipe["defaults"]["shift"],  # sampled with the same shift
+        "model": {"dit": "tiny", "dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
+                  "text_encoder": str(bundle / "text_encoder"), "vfm": "efficientnet-lite0"},
+        "data": {"datasets": [{"path": str(manifest)}], "fps": None, "augment_copies": recipe["augment_copies"],
+                 "num_workers": 0,
+                 "buckets": {"sizes": [[world["size"], world["size"]]], "frames": [world["frames"]]},
+                 "cache_dir": str(work / "cache")},
+        "train": {**recipe["train"], "mixed_precision": "no", "keep_last": 1},
+        "memory": {"gradient_checkpointing": False},
+        "alignment": {"blocks": recipe["alignment_blocks"], **alignment},
+    }, f"toy recipe ({name})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="models", help="folder that receives refalign_toy/ and refalign_toy_baseline/")
+    parser.add_argument("--out", default=str(OUT), help="folder that receives the three bundle folders")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step / video count (tests)")
     args = parser.parse_args(argv)
@@ -102,53 +157,52 @@ def main(argv=None) -> int:
         recipe[section][key] = max(2, int(recipe[section][key] * args.scale))
     work = Path(args.work or tempfile.mkdtemp(prefix="refalign_toy_"))
     out = Path(args.out)
-    bundle, baseline = out / "refalign_toy", out / "refalign_toy_baseline"
-    for folder in (bundle, baseline):
+    folders = {name: out / name for name in VARIANTS}
+    for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    times = {}
-    start = time.perf_counter()
-    manifest = make_toy_world(work / "world", split="train", seed=recipe["seed"], **recipe["world"])
-    times["world_s"] = time.perf_counter() - start
+    bundle = folders["refalign_toy"]
+    times = {"world_s": stage(work, "world", {"seed": recipe["seed"], **recipe["world"]},
+                              lambda folder: make_toy_world(folder, split="train", seed=recipe["seed"],
+                                                            **recipe["world"]))}
+    manifest = work / "world" / "manifest.jsonl"
 
-    start = time.perf_counter()
-    tokenizer = word_tokenizer(vocabulary())
-    encoder = tiny_text_encoder(recipe["seed"], vocab_size=len(tokenizer), **recipe["text_encoder"])
-    encoder.save_pretrained(bundle / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(bundle / "text_encoder")
-    vae, vae_loss = train_vae(manifest, recipe["vae"], recipe["seed"])
-    save_vae(vae, bundle / "vae.safetensors")
-    times["vae_s"] = time.perf_counter() - start
+    def build_autoencoders(folder: Path) -> None:
+        tokenizer = word_tokenizer(vocabulary())
+        encoder = tiny_text_encoder(recipe["seed"], vocab_size=len(tokenizer), **recipe["text_encoder"])
+        encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "text_encoder")
+        vae, vae_loss = train_vae(manifest, recipe["vae"], recipe["world"]["frames"], recipe["world"]["size"],
+                                  recipe["seed"])
+        save_vae(vae, folder / "vae.safetensors")
+        (folder / "vae_l1.json").write_text(json.dumps(vae_loss))
 
-    for name, folder, ra in (("refalign", bundle, True), ("baseline", baseline, False)):
-        config = parse_config({
-            "seed": recipe["seed"],
-            "shift": recipe["defaults"]["shift"],  # a 4×4-token frame needs no high-noise shift; sampled alike
-            "model": {"dit": "tiny", "dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
-                      "text_encoder": str(bundle / "text_encoder"), "vfm": "efficientnet-lite0"},
-            "data": {"datasets": [{"path": str(manifest)}], "buckets": {"sizes": [[64, 64]], "frames": [17]},
-                     "fps": 16, "augment_copies": 4, "cache_dir": str(work / "cache"), "num_workers": 0},
-            "train": {**recipe["train"], "mixed_precision": "no", "keep_last": 1},
-            "memory": {"gradient_checkpointing": False},
-            "alignment": {"enabled": ra},
-        }, f"toy recipe ({name})")
+    autoencoder_settings = {k: recipe[k] for k in ("seed", "world", "text_encoder", "vae")}
+    times["vae_s"] = stage(work, "autoencoders", autoencoder_settings, build_autoencoders)
+    vae_loss = json.loads((work / "autoencoders" / "vae_l1.json").read_text())
+    shutil.copyfile(work / "autoencoders" / "vae.safetensors", bundle / "vae.safetensors")
+    shutil.copytree(work / "autoencoders" / "text_encoder", bundle / "text_encoder")
+
+    for name, alignment in VARIANTS.items():
         start = time.perf_counter()
-        train(config, work / name)
+        train(dit_config(recipe, manifest, bundle, work, alignment, name), work / name,
+              resume=(work / name / "checkpoints").is_dir())
         times[f"{name}_s"] = time.perf_counter() - start
-        shutil.copyfile(work / name / "dit.safetensors", folder / "dit.safetensors")
-        shutil.copyfile(work / name / "log.csv", folder / "train_log.csv")
-        if ra:
-            shutil.copyfile(work / name / "projectors.safetensors", folder / "projectors.safetensors")
-    shared = {"vae": "vae.safetensors", "text_encoder": "text_encoder"}
-    for folder, prefix in ((bundle, ""), (baseline, "../refalign_toy/")):
+        shutil.copyfile(work / name / "dit.safetensors", folders[name] / "dit.safetensors")
+        shutil.copyfile(work / name / "log.csv", folders[name] / "train_log.csv")
+        if alignment["enabled"]:
+            shutil.copyfile(work / name / "projectors.safetensors", folders[name] / "projectors.safetensors")
+        if folders[name] != bundle:  # every bundle is whole on its own (a bundle names no file outside itself)
+            shutil.copyfile(bundle / "vae.safetensors", folders[name] / "vae.safetensors")
+            shutil.copytree(bundle / "text_encoder", folders[name] / "text_encoder")
         manifest_json = {"format": "refalign-bundle", "version": 1, "dit": "dit.safetensors",
-                         **{k: prefix + v for k, v in shared.items()}, "defaults": recipe["defaults"]}
-        (folder / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
-    files = {str(p.relative_to(out)): sha256(p) for folder in (bundle, baseline) for p in sorted(folder.rglob("*"))
+                         "vae": "vae.safetensors", "text_encoder": "text_encoder", "defaults": recipe["defaults"]}
+        (folders[name] / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
+    files = {str(p.relative_to(out)): sha256(p) for folder in folders.values() for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != "recipe.json"}
-    record = {"recipe": recipe, "command": "python train/make_toy_bundle.py --out models", "vae_l1_training_clips": vae_loss,
-              "wall_seconds": {k: round(v, 1) for k, v in times.items()}, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "sha256": files}
+    record = {"recipe": recipe, "command": "python train/make_toy_bundle.py", "vae_l1_training_clips": vae_loss,
+              "wall_seconds": {k: None if v is None else round(v, 1) for k, v in times.items()},
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "sha256": files}
     (bundle / "recipe.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record["wall_seconds"]), flush=True)
     return 0

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from .transformer_refalign import RefAlignTransformer3DModel
+from ..transformer_refalign import RefAlignTransformer3DModel
 
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
                 freq_dim=32, ffn_dim=64, num_layers=3)

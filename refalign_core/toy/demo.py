@@ -1,0 +1,114 @@
+"""The embedded default model and the demo behind `python -m refalign_core demo`.
+
+The embedded model is the trained toy bundle shipped with the package (`refalign_core/toy/models/refalign_toy/`,
+built by `train/make_toy_bundle.py`). Where that folder is absent, an untrained tiny bundle (random weights, seed 0)
+is built once into the user's cache folder so every stage still runs. The demo runs the full reference-to-video
+path — fit references on white, VAE-encode, three-pass guided sampling, decode, write — and scores the result with
+the Identity Check next to its ceiling: the same check on the toy world's own clip of the demo case."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..bundles import BUNDLE_FILE, EMBEDDED_FOLDER
+from ..pipeline import RefAlignPipeline
+from ..sampler import SamplingSettings
+from ..text_encoder import load_text_encoder
+from ..video_io import write_video
+from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
+from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
+
+DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
+SHIPPED_BUNDLE = EMBEDDED_FOLDER / "refalign_toy"
+SHIPPED_BASELINE = EMBEDDED_FOLDER / "refalign_toy_baseline"  # same data and steps, RA loss off
+SHIPPED_POSITIVE_ONLY = EMBEDDED_FOLDER / "refalign_toy_positive_only"  # RA without the push term (ablation)
+
+
+def embedded_bundle() -> Path:
+    """The shipped toy bundle if present, else an untrained tiny bundle (built on first use in the cache folder)."""
+    if (SHIPPED_BUNDLE / BUNDLE_FILE).is_file():
+        return SHIPPED_BUNDLE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refalign" / "random_tiny_bundle"
+    if not (cache / BUNDLE_FILE).is_file():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        build_random_bundle(tmp)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not (cache / BUNDLE_FILE).is_file():
+            os.replace(tmp, cache)
+        else:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def build_random_bundle(folder: Path) -> Path:
+    write_tiny_text_encoder(folder / "text_encoder")
+    pipe = RefAlignPipeline(dit=tiny_dit(), vae=tiny_vae(), text_encoder=load_text_encoder(folder / "text_encoder"),
+                            settings=DEMO_SETTINGS, fps=FPS)
+    return pipe.save_bundle(folder)
+
+
+# a red disc gliding right above a blue square with pink stripes gliding left (both training identities)
+DEMO_TRACKS = tuple(plan_tracks([Subject("disc", "red", "plain", "red"), Subject("square", "blue", "striped", "pink")],
+                                [1, -1]))
+DEMO_PROMPT = caption(list(DEMO_TRACKS))  # "a disc moves right and a square moves left"
+DEMO_NAMES = tuple(track.subject.id for track in DEMO_TRACKS)
+
+
+def demo_references() -> list[Image.Image]:
+    """The two demo subjects on white."""
+    rng = np.random.default_rng(7)
+    return [reference_image(track.subject, rng, SIZE)[0] for track in DEMO_TRACKS]
+
+
+def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
+    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result with the Identity
+    Check, next to the same check on the world's own clip of the case (report JSON / text, contact sheet). Every
+    file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of them.
+    Returns the written paths."""
+    from ..identity import IdentitySettings, check_identity
+    from ..identity_sheet import contact_sheet
+    from ..vfm import load_vfm
+
+    out = Path(out)
+    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
+    references = demo_references()
+    result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
+    names = list(DEMO_NAMES)
+    vfm = load_vfm()
+    settings = IdentitySettings(sample_frames=len(result.frames))
+    report = check_identity(references, result.frames, vfm, names=names, settings=settings,
+                            backbone_name="efficientnet-lite0")
+    ceiling = None
+    if tuple(result.frames.shape[1:3]) == (SIZE, SIZE):  # the world renders the case at its own size
+        truth = render_clip(list(DEMO_TRACKS), BACKGROUND, result.frames.shape[0], SIZE)
+        ceiling = check_identity(references, truth, vfm, names=names, settings=settings)
+    text = report.summary()
+    if ceiling is not None:
+        text += "\n  ceiling (the same check on the toy world's own clip of this case): " + ", ".join(
+            f"{s.name} {s.mean:.3f} ({r.mean / s.mean:.0%} of it)" for s, r in zip(ceiling.subjects, report.subjects))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
+    try:
+        staged = {
+            "mp4": write_video(result.frames, staging / "demo.mp4", fps=pipe.fps),
+            "webp": write_video(result.frames, staging / "demo.webp", fps=pipe.fps),
+            "identity_json": staging / "identity.json",
+            "identity_report": staging / "identity.txt",
+            "contact_sheet": staging / "contact_sheet.png",
+        }
+        summary = report.to_dict() | {"ceiling": {s.name: s.mean for s in ceiling.subjects} if ceiling else None}
+        staged["identity_json"].write_text(json.dumps(summary, indent=1))
+        staged["identity_report"].write_text(text + "\n")
+        contact_sheet(report, references, result.frames).save(staged["contact_sheet"])
+        paths = {}
+        for name, path in staged.items():
+            paths[name] = out / path.name
+            os.replace(path, paths[name])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
