@@ -322,3 +322,15 @@ def test_comfyui_lora_export_matches_peft_when_merged():
     with pytest.raises(RefAlignInputError, match="wrong base model"):
         merge_lora({k: v for k, v in original.items() if not k.startswith("blocks.0.")}, exported,
                    name="my.safetensors")
+
+
+def test_a_resumed_log_keeps_whole_rows_up_to_the_checkpoint(tmp_path):
+    from refalign_core.training.checkpoints import drop_rows_after
+
+    log = tmp_path / "identity.csv"
+    log.write_text('step,prompt,subject,identity\n0,0,"a, b",0.5\n1,0,c,0.6\n3,0,c,0.7\n4,0,c')  # last row cut
+    drop_rows_after(log, 3, ["step", "prompt", "subject", "identity"])
+    assert log.read_text() == 'step,prompt,subject,identity\n0,0,"a, b",0.5\n1,0,c,0.6\n3,0,c,0.7\n'
+    drop_rows_after(log, 0, ["step", "prompt", "subject", "identity"])
+    assert log.read_text() == 'step,prompt,subject,identity\n0,0,"a, b",0.5\n'
+    assert not list(tmp_path.glob("*.tmp"))

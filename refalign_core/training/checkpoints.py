@@ -10,6 +10,7 @@ model is). Our own pieces ride along in accelerate's state hooks, written as saf
 
 A checkpoint is written into `step-N.tmp/` and renamed when complete; the newest `train.keep_last` are kept."""
 
+import csv
 import json
 import logging
 import os
@@ -70,6 +71,22 @@ def _like(full: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(full.to(shard.dtype), shard.device_mesh, shard.placements, src_data_rank=None)
     return full.to(shard.device, shard.dtype)
+
+
+def drop_rows_after(path: Path, step: int, columns: list[str]) -> None:
+    """Bring a step-indexed CSV log back to checkpoint `step`: the header, then the whole rows of steps ≤ `step`.
+    Rows logged after the checkpoint (a resumed run logs them again) and a row cut by a kill are dropped; the file
+    is replaced atomically."""
+    lines = path.read_text().split("\n")[1:-1] if path.is_file() else []  # [-1]: after the last newline, cut or ""
+    kept = [line for line in lines if _row_until(line, len(columns), step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join([",".join(columns)] + kept) + "\n")
+    os.replace(tmp, path)
+
+
+def _row_until(line: str, width: int, step: int) -> bool:
+    fields = next(csv.reader([line]), [])
+    return len(fields) == width and fields[0].isdigit() and int(fields[0]) <= step
 
 
 class Checkpoints:

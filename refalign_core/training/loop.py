@@ -30,7 +30,7 @@ from .alignment import AlignmentProjectors, default_aligned_blocks
 from .buckets import BucketBatchSampler
 from .cache import CacheSettings, FeatureCache, build_cache, cache_fingerprint, check_fingerprint, \
     estimate_sample_bytes, missing_entries, write_index
-from .checkpoints import Checkpoints, complete_checkpoints, newest_checkpoint
+from .checkpoints import Checkpoints, complete_checkpoints, drop_rows_after, newest_checkpoint
 from .config import TrainingConfig, resume_differences
 from .data import SkipCounter
 from .datasets import read_datasets
@@ -205,15 +205,8 @@ class TrainingLog:
 
     def __init__(self, path: Path, start: int, main: bool):
         self.path, self.main = path, main
-        if not main:
-            return
-        rows = path.read_text().split("\n")[1:-1] if start > 0 and path.is_file() else []
-        # a killed run may have left a cut last row: keep whole rows up to the checkpoint we resume from
-        kept = [r for r in rows if r.count(",") == len(LOG_COLUMNS) - 1 and r.split(",")[0].isdigit()
-                and int(r.split(",")[0]) <= start]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join([",".join(LOG_COLUMNS)] + kept) + "\n")
-        os.replace(tmp, path)
+        if main:
+            drop_rows_after(path, start, LOG_COLUMNS)
 
     def write(self, values: dict) -> None:
         if self.main:

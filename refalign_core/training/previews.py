@@ -28,8 +28,10 @@ from ..safetensors_io import read_safetensors, write_safetensors
 from ..sampler import SamplingSettings, sample_r2v
 from ..text_encoder import encode_prompts
 from ..video_io import load_image, write_video
+from .checkpoints import drop_rows_after
 
 logger = logging.getLogger(__name__)
+SCORE_COLUMNS = ["step", "prompt", "subject", "identity"]  # previews/identity.csv
 
 
 @dataclass
@@ -132,10 +134,7 @@ class Previews:
     def truncate(self, step: int) -> None:
         """Drop scores logged after `step` (a resumed run logs them again)."""
         if self.main and self.scores_path.is_file():
-            rows = self.scores_path.read_text().split("\n")
-            kept = [rows[0]] + [r for r in rows[1:-1] if r.count(",") == 3 and r.split(",")[0].isdigit()
-                                and int(r.split(",")[0]) <= step]
-            self.scores_path.write_text("\n".join(kept) + "\n")
+            drop_rows_after(self.scores_path, step, SCORE_COLUMNS)
 
     @torch.no_grad()
     def run(self, step: int, dit, autocast=None) -> list[dict]:
@@ -169,7 +168,7 @@ class Previews:
                 with self.scores_path.open("a", newline="") as f:
                     writer = csv.writer(f)
                     if new:
-                        writer.writerow(["step", "prompt", "subject", "identity"])
+                        writer.writerow(SCORE_COLUMNS)
                     for name, score in scores.items():
                         writer.writerow([step, i, name, f"{score:.4f}"])
                 logger.info("preview step %d, prompt %d: %s", step, i,
