@@ -24,7 +24,7 @@ SHAPES = ("disc", "square", "triangle", "diamond", "star", "cross", "hexagon")
 COLOURS = {"red": (215, 45, 45), "orange": (240, 140, 30), "yellow": (235, 205, 40), "green": (45, 160, 70),
            "teal": (30, 160, 160), "blue": (45, 80, 215), "purple": (140, 60, 190), "pink": (235, 120, 170)}
 PATTERNS = ("plain", "striped", "dotted", "checkered", "ringed")
-MOTIONS = {(1, 0): "moves right", (-1, 0): "moves left"}
+MOTIONS = {1: "moves right", -1: "moves left"}
 BACKGROUND = (96, 100, 112)
 SUBJECT_SIZES = {1: 60, 2: 50, 3: 38}  # pixels, by the number of subjects
 DISTANCE = 0.375  # of the frame, over the clip
@@ -46,19 +46,17 @@ class Subject:
 
 @dataclass(frozen=True)
 class Track:
-    """One subject in a clip: its motion (unit direction), sprite size and angle, and start position (pixels)."""
+    """One subject in a clip: its direction (+1 right, -1 left), sprite size, start position and the distance it
+    glides over the clip (pixels)."""
 
     subject: Subject
-    direction: tuple[int, int]
+    direction: int
     size: int
-    angle: float
     start: tuple[float, float]
     distance: float
 
     def position(self, frame: int, frames: int) -> tuple[float, float]:
-        t = frame / max(1, frames - 1)
-        return (self.start[0] + self.direction[0] * self.distance * t,
-                self.start[1] + self.direction[1] * self.distance * t)
+        return self.start[0] + self.direction * self.distance * frame / max(1, frames - 1), self.start[1]
 
     @property
     def phrase(self) -> str:
@@ -156,7 +154,7 @@ def plan_tracks(subjects: list[Subject], directions: list[int], size: int = SIZE
     tracks = []
     for i, (subject, sign) in enumerate(zip(subjects, directions)):
         along = (size - extent - distance) / 2 + (0 if sign > 0 else distance)
-        tracks.append(Track(subject, (sign, 0), extent, 0.0, (along, lane * i + (lane - extent) / 2), distance))
+        tracks.append(Track(subject, sign, extent, (along, lane * i + (lane - extent) / 2), distance))
     return tracks
 
 
@@ -164,15 +162,13 @@ def render_clip(tracks: list[Track], background: tuple[int, int, int] = BACKGROU
                 size: int = SIZE) -> torch.Tensor:
     """`[frames, size, size, 3]` in [0, 1]."""
     base = Image.new("RGB", (size, size), background)
-    sprites = [render_subject(t.subject, t.size).rotate(t.angle, resample=Image.BILINEAR, expand=True)
-               for t in tracks]
+    sprites = [render_subject(t.subject, t.size) for t in tracks]
     video = []
     for f in range(frames):
         frame = base.copy()
         for track, sprite in zip(tracks, sprites):
             x, y = track.position(f, frames)
-            offset = (sprite.width - track.size) // 2
-            frame.paste(sprite, (int(round(x)) - offset, int(round(y)) - offset), sprite)
+            frame.paste(sprite, (int(round(x)), int(round(y))), sprite)
         video.append(torch.from_numpy(np.array(frame)).float() / 255.0)
     return torch.stack(video)
 
