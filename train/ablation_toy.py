@@ -106,11 +106,9 @@ def dit_embeddings(pipe: RefAlignPipeline, images: torch.Tensor, masks: torch.Te
     return {b: torch.stack(x).view(s, v, -1) for b, x in out.items()}
 
 
-def representation(models: dict[str, Path], views: int) -> dict:
-    pipes = {name: RefAlignPipeline.from_bundle(folder) for name, folder in models.items()}
+def representation(pipes: dict[str, RefAlignPipeline], vfm, views: int) -> dict:
     size = next(iter(pipes.values())).settings.width
     subjects, images, masks = held_out_references(views, size)
-    vfm = load_vfm("efficientnet-lite0")
     token_masks = F.avg_pool2d(masks.flatten(0, 1)[:, None], 16).flatten(1) > 0.25
     tokens = vfm(images.flatten(0, 1))
     teacher = torch.stack([t[m].mean(0) for t, m in zip(tokens, token_masks)]).view(*images.shape[:2], -1)
@@ -123,15 +121,10 @@ def representation(models: dict[str, Path], views: int) -> dict:
     return {"subjects": [s.id for s in subjects], "views": views, "per_subject": scores}
 
 
-def generation(models: dict[str, Path], cases: int, seeds: int, steps: int | None = None) -> dict:
-    pipes = {name: RefAlignPipeline.from_bundle(folder) for name, folder in models.items()}
-    if steps is not None:
-        for pipe in pipes.values():
-            pipe.settings = pipe.settings.replace(steps=steps)
+def generation(pipes: dict[str, RefAlignPipeline], vfm, cases: int, seeds: int) -> dict:
     settings = next(iter(pipes.values())).settings
     _, held_out = all_subjects()
     rng = np.random.default_rng(1)
-    vfm = load_vfm("efficientnet-lite0")
     identity_settings = IdentitySettings(sample_frames=settings.num_frames)
 
     def score(references, masks, names, frames):
@@ -181,10 +174,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = {name: Path(args.models) / folder for name, folder in VARIANTS.items()}
+    pipes = {name: RefAlignPipeline.from_bundle(Path(args.models) / folder) for name, folder in VARIANTS.items()}
+    if args.steps is not None:
+        for pipe in pipes.values():
+            pipe.settings = pipe.settings.replace(steps=args.steps)
     start = time.perf_counter()
-    rep = representation(models, args.views)
-    gen = generation(models, args.cases, args.seeds, args.steps)
+    vfm = load_vfm("efficientnet-lite0")  # the teacher and the Identity Check's backbone
+    rep = representation(pipes, vfm, args.views)
+    gen = generation(pipes, vfm, args.cases, args.seeds)
     rep_rows = rep["per_subject"]
     gen_rows = {name: {m: [case[m] for case in cases] for m in GENERATION} for name, cases in gen["per_case"].items()}
     layers = max(int(k.rsplit(" ", 1)[1]) for k in rep_rows if "block" in k)
