@@ -107,10 +107,9 @@ def _add_model_args(p):
 
 
 def _references(args, fit: tuple[int, int]) -> list[Reference]:
-    """--ref images paired with their --mask files (same order), 1–4; `fit`: the video's (width, height)."""
+    """--ref images paired with their --mask files (same order); `fit`: the video's (width, height). The count
+    (1–4) is checked by `prepare_references`."""
     refs, masks = args.ref or [], args.mask or []
-    if len(refs) > MAX_REFERENCES:
-        raise RefAlignInputError(f"--ref: at most {MAX_REFERENCES} references, got {len(refs)}")
     if len(masks) > len(refs):
         raise RefAlignInputError(f"--mask: {len(masks)} masks for {len(refs)} --ref images")
     return [Reference(load_image(path, fit if i >= len(masks) else None),

@@ -1,5 +1,7 @@
 """The one error type users see for bad input: the message names the input and what is expected."""
 
+import sys
+
 
 class RefAlignInputError(ValueError):
     """Bad user input (file, tensor, option). The message says which input and what was expected."""
@@ -8,8 +10,6 @@ class RefAlignInputError(ValueError):
 def run_command(main, argv=None) -> int:
     """Run a command-line `main`: bad input is one `error:` line and exit 2, a failing file system (a full disk, a
     missing permission) one line and exit 1, Ctrl-C exit 130; never a traceback for any of them."""
-    import sys
-
     try:
         return main(argv)
     except RefAlignInputError as e:

@@ -22,6 +22,7 @@ from .errors import RefAlignInputError, run_command
 from .identity import IdentitySettings, check_identity
 from .identity_sheet import contact_sheet
 from .paths import check_output_folder, inside
+from .references import MAX_REFERENCES
 from .video_io import load_image, read_video_frames
 from .vfm import load_vfm
 
@@ -62,8 +63,8 @@ def read_cases(path: Path) -> list[dict]:
                                      "the other's)")
         seen.add(case["id"])
         references = _strings(case.get("references") or case.get("img_paths"), f"{where} references")
-        if not 1 <= len(references) <= 4:
-            raise RefAlignInputError(f"{where}: needs 1–4 references, got {len(references)}")
+        if not 1 <= len(references) <= MAX_REFERENCES:
+            raise RefAlignInputError(f"{where}: needs 1–{MAX_REFERENCES} references, got {len(references)}")
         case["references"] = [inside(path.parent, r, f"{where} reference") for r in references]
         for key_name, allow_none in (("names", False), ("masks", True)):
             if case.get(key_name) is not None and len(_strings(case[key_name], f"{where} {key_name}",

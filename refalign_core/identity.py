@@ -235,15 +235,18 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
         raise RefAlignInputError(f"identity check: frames must be a tensor [T, H, W, 3], got {shape}")
     if not bool(torch.isfinite(frames).all()):
         raise RefAlignInputError("identity check: the frames have NaN or infinite values")
-    if isinstance(names, str) or (names is not None and (len(list(names)) != len(references)
-                                                         or not all(isinstance(n, str) for n in names))):
+    for what, value in (("names", names), ("masks", masks)):
+        if isinstance(value, str):
+            raise RefAlignInputError(f"identity check: {what} must be a list, one entry per reference, not the "
+                                     f"text {value!r}")
+    names = list(names) if names is not None else [f"subject {i + 1}" for i in range(len(references))]
+    masks = list(masks) if masks is not None else [None] * len(references)
+    if len(names) != len(references) or not all(isinstance(n, str) for n in names):
         raise RefAlignInputError(f"identity check: names must be a list of {len(references)} strings, one per "
                                  f"reference, got {names!r}")
-    if masks is not None and (isinstance(masks, str) or len(list(masks)) != len(references)):
+    if len(masks) != len(references):
         raise RefAlignInputError(f"identity check: masks must be a list of {len(references)} (a mask or None per "
                                  "reference)")
-    names = list(names) if names else [f"subject {i + 1}" for i in range(len(references))]
-    masks = list(masks) if masks is not None else [None] * len(references)
     total, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     indices = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(settings.sample_frames, total))})
 

@@ -70,7 +70,7 @@ def to_chw(image, name: str = "reference") -> tuple[torch.Tensor, torch.Tensor |
     tensor = image if torch.is_tensor(image) else torch.from_numpy(np.array(image))
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255.0
-    elif tensor.dtype in (torch.uint16, torch.int32) and not torch.is_floating_point(tensor):
+    elif tensor.dtype in (torch.uint16, torch.int32):
         tensor = tensor.float() / 65535.0
     tensor = tensor.float()
     if not bool(torch.isfinite(tensor).all()):
