@@ -6,9 +6,9 @@ runs interleaved, medians.
 Columns: DiT evaluations per video (guidance passes × the fraction of blocks that computed; a cache that skips
 the tail counts its first block only), wall-time speedup vs the default, latent RMSE vs the default output (÷ the
 default's latent std), and on the shipped toy model the Identity Check overall score and its change.
-Configs: the shipped toy model (its defaults: 25 Euler steps, three passes, 128×128×9), and Wan2.1-1.3B shapes
-(random weights, 9×240×416, one reference, 512 text tokens, 4 steps) with `--wan-blocks` of its 30 blocks (the
-ratios are per block; identity is meaningless on random weights).
+Configs: the shipped toy model (its defaults: 25 Euler steps, 128×128×9; its image and text scales are equal, so
+two passes), and Wan2.1-1.3B shapes (random weights, 9×240×416, one reference, 512 text tokens, 4 steps) with
+`--wan-blocks` of its 30 blocks (the ratios are per block; identity is meaningless on random weights).
 MagCache is calibrated on the model during the warm-up (one uncached run), not timed.
 Last line: `ratio: <best toy wall-time speedup at ≤ 0.02 identity loss>`."""
 
