@@ -1,5 +1,6 @@
 """umT5 text encoder (transformers `UMT5EncoderModel` + tokenizer) from a local folder, and prompt encoding the
-way Wan2.1 does it: the prompt's tokens (with EOS), zero-padded to 512."""
+way Wan2.1 does it: the prompt's tokens (with EOS), zero-padded to 512, or to the tokenizer's `model_max_length`
+where a folder sets one below 512 (the toy model, whose captions are under 16 tokens, pads to 16)."""
 
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ WAN_NEGATIVE_PROMPT = (
 class TextEncoder:
     tokenizer: PreTrainedTokenizerBase
     model: UMT5EncoderModel
+    length: int = TEXT_LENGTH  # prompts are zero-padded to this many tokens (the DiT was trained so)
 
     @property
     def dim(self) -> int:
@@ -52,12 +54,20 @@ def load_text_encoder(path: str | os.PathLike, *, dtype=torch.float32, device="c
         model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, dtype=dtype)
     except (OSError, ValueError) as e:
         raise RefAlignInputError(f"text encoder: cannot load umT5 + tokenizer from {path}: {e}") from e
-    return TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False))
+    return TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), padded_length(tokenizer))
+
+
+def padded_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's `model_max_length` where it is set below 512, else Wan2.1's 512."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and 1 <= length < TEXT_LENGTH else TEXT_LENGTH
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder: TextEncoder, prompts: list[str], max_length: int = TEXT_LENGTH) -> torch.Tensor:
-    """prompts -> `[B, max_length, dim]` fp32 embeddings; positions past each prompt's tokens are exactly zero."""
+def encode_prompts(text_encoder: TextEncoder, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """prompts -> `[B, max_length, dim]` fp32 embeddings (default length: the encoder's); positions past each
+    prompt's tokens are exactly zero."""
+    max_length = max_length or text_encoder.length
     device = next(text_encoder.model.parameters()).device
     tokens = text_encoder.tokenizer(
         list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"

@@ -59,6 +59,23 @@ def test_text_encoder_pads_with_exact_zeros(text_encoder_dir):
     assert not torch.allclose(embeds[0, :n_short], embeds[1, :n_short])
 
 
+def test_a_tokenizer_with_a_short_model_max_length_sets_the_padded_length(text_encoder_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(text_encoder_dir, tmp_path / "te")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "te")
+    tokenizer.model_max_length = 24
+    tokenizer.save_pretrained(tmp_path / "te")
+    short, wan = load_text_encoder(tmp_path / "te"), load_text_encoder(text_encoder_dir)
+    assert (short.length, wan.length) == (24, 512)  # an unset (huge) model_max_length keeps Wan's 512
+    prompts = ["a red ball", "a much longer prompt"]
+    embeds = encode_prompts(short, prompts)
+    assert embeds.shape == (2, 24, short.dim)
+    assert torch.equal(embeds, encode_prompts(wan, prompts)[:, :24])  # the same tokens, fewer zeros after them
+
+
 def test_text_encoder_accepts_diffusers_pipeline_layout(text_encoder_dir, tmp_path):
     import shutil
     shutil.copytree(text_encoder_dir, tmp_path / "text_encoder")
