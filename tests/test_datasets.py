@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
+from refalign_core.safetensors_io import write_safetensors
 from refalign_core.text_encoder import TextEncoder
 from refalign_core.toy.tiny import char_tokenizer, tiny_text_encoder
 from refalign_core.training.buckets import BucketBatchSampler, assign_bucket
@@ -190,6 +191,21 @@ def test_buckets_fit_aspect_and_length_and_batches_never_mix_shapes():
     assert drawn.count(12) >= 3 and drawn.count(0) >= 1  # repeats: clip 12 comes 3 times an epoch
     resumed = iter(BucketBatchSampler(buckets, repeats, 3, 5, rank=1, world_size=2, start=7))
     assert [next(resumed) for _ in range(13)] == seen[1][7:]  # a resumed run draws what the first drew
+
+
+def test_batches_can_hold_one_reference_count_each(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    samples = [{"key": str(i), "bucket": [64, 64, 5], "references": 1 + i % 3, "repeats": 1, "source": str(i)}
+               for i in range(12)]
+    (cache_dir / "index.json").write_text(json.dumps({"samples": samples}))
+    write_safetensors({"prompt_embeds": torch.zeros(1, 4)}, cache_dir / "null_prompt.safetensors")
+    cache = FeatureCache(cache_dir)
+    assert cache.batch_groups() == [(64, 64, 5)] * 12
+    groups = cache.batch_groups(by_references=True)
+    batches = BucketBatchSampler(groups, cache.repeats, 4, seed=0).epoch_batches(0)
+    assert all(len({samples[i]["references"] for i in batch}) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(12))
 
 
 def test_cache_resumes_where_it_stopped_and_refuses_other_settings(tmp_path, creator_folder, encoders, monkeypatch):

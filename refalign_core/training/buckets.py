@@ -20,7 +20,8 @@ def assign_bucket(width: int, height: int, available_frames: int, sizes, frame_c
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Endless batches of dataset indices for one process, each batch from a single bucket.
+    """Endless batches of dataset indices for one process, each batch from a single bucket (any hashable group
+    key: a `Bucket`, or a bucket and a reference count).
 
     Epoch e is a fixed function of (seed, e): each bucket's indices (a clip appears `repeats` times) are shuffled
     and cut into batches of `batch_size` (the last one may be smaller), and the batches of all buckets are shuffled
@@ -28,7 +29,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     gets as many). `start` skips this process's first batches, so a resumed run draws what the uninterrupted run
     drew."""
 
-    def __init__(self, buckets: list[Bucket], repeats: list[int], batch_size: int, seed: int, rank: int = 0,
+    def __init__(self, buckets: list[tuple], repeats: list[int], batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, start: int = 0):
         super().__init__()
         if not buckets:

@@ -290,6 +290,11 @@ class FeatureCache(torch.utils.data.Dataset):
     def buckets(self) -> list[tuple[int, int, int]]:
         return [tuple(s["bucket"]) for s in self.samples]
 
+    def batch_groups(self, by_references: bool = False) -> list[tuple[int, ...]]:
+        """What a batch must share: the bucket (width, height, frames), and with `by_references` the number of
+        references too."""
+        return [tuple(s["bucket"]) + ((s["references"],) if by_references else ()) for s in self.samples]
+
     @property
     def repeats(self) -> list[int]:
         return [s["repeats"] for s in self.samples]

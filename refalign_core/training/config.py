@@ -75,6 +75,8 @@ class BucketConfig:
 
     sizes: list[list[int]] = field(default_factory=lambda: [[832, 480]])  # [width, height], multiples of 16
     frames: list[int] = field(default_factory=lambda: [81])  # 4n+1
+    # a batch also holds one reference count only: no padded references, no key mask (faster where counts vary)
+    by_references: bool = False
 
     def _check(self, source: str, path: str) -> None:
         if not self.sizes:
@@ -174,7 +176,8 @@ class TrainingConfig:
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     previews: PreviewConfig = field(default_factory=PreviewConfig)
     shift: float = field(default=5.0, metadata=POSITIVE)
-    text_length: int = field(default=512, metadata=AT_LEAST_1)  # prompts are zero-padded to this, as at inference
+    # prompts are zero-padded to this, as at inference; None: the text encoder's own length (512 for Wan2.1)
+    text_length: int | None = field(default=None, metadata=AT_LEAST_1)
 
     def _check(self, source: str, path: str) -> None:
         if self.train.mode != "lora" and self.memory.base_weights != "default":

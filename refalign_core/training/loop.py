@@ -404,10 +404,12 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         accelerator.wait_for_everyone()
         previews = Previews(prompts, inputs, output_dir / "previews", encoders, main)
         previews.truncate(start)
+    text_length = config.text_length or encoders.text_encoder.length
     encoders.release_text_encoder()
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    sampler = BucketBatchSampler(cache.buckets, cache.repeats, t.batch_size, config.seed, rank, world,
+    sampler = BucketBatchSampler(cache.batch_groups(config.data.buckets.by_references), cache.repeats, t.batch_size,
+                                 config.seed, rank, world,
                                  start=start * t.grad_accum)
     loader = torch.utils.data.DataLoader(cache, batch_sampler=sampler, collate_fn=list,
                                          num_workers=config.data.num_workers,
@@ -435,7 +437,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         for micro in range(t.grad_accum):
             generator = step_generator(config.seed, step, rank, micro)
             batch = make_training_batch(next(batches), cache.null_prompt, generator, config.dropout.text,
-                                        config.dropout.references, config.dropout.both, config.text_length)
+                                        config.dropout.references, config.dropout.both, text_length)
             with accelerator.accumulate(module):
                 losses = module(batch)
                 accelerator.backward(losses.total)
