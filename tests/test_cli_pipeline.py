@@ -94,7 +94,7 @@ def test_cli_reports_bad_input_as_one_clear_error(bundle, ref_images, tmp_path, 
 def test_demo_command_writes_its_outputs(tmp_path, bundle, capsys):
     assert main(["demo", "--out", str(tmp_path), "--bundle", str(bundle)]) == 0
     printed = capsys.readouterr().out
-    for name in ("demo.mp4", "demo.webp", "contact_sheet.png", "identity.json", "identity.txt"):
+    for name in ("demo.mp4", "demo.webp", "contact_sheet.png", "frames.png", "identity.json", "identity.txt"):
         assert (tmp_path / name).stat().st_size > 0 and name in printed
     assert read_video_frames(tmp_path / "demo.mp4").shape[0] == DEMO_SETTINGS.num_frames
 

@@ -5,48 +5,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from refalign_core.pipeline import RefAlignPipeline
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 
 
-def run_recipe(out: Path) -> tuple[dict, str]:
+def run_recipe(out: Path, *extra: str) -> tuple[dict, str]:
     result = subprocess.run([sys.executable, str(ROOT / "train" / "make_toy_bundle.py"), "--out", str(out / "m"),
-                             "--work", str(out / "w"), "--scale", "0.005"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+                             "--work", str(out / "w"), "--scale", "0.005", *extra], capture_output=True, text=True,
+                            cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / "m" / "refalign_toy" / "recipe.json").read_text()), result.stdout
 
 
 def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
-    record, _ = run_recipe(tmp_path)
+    record, _ = run_recipe(tmp_path, "--ablation-models", str(tmp_path / "extra"))
     full = json.loads(json.dumps(__import__("make_toy_bundle").RECIPE))
     assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * 0.005))
     assert record["recipe"]["dit"] == full["dit"] and record["sha256"]
+    assert {"judge.safetensors", "teacher.safetensors"} <= set(record["sha256"])
+    assert set(record["teachers"]) == {"toy teacher", "efficientnet-lite0"}
+    assert 0 <= record["judge_calibration"]["accuracy"] <= 1
+    assert sorted(p.name for p in (tmp_path / "extra").iterdir()) == sorted(
+        __import__("make_toy_bundle").ABLATION)
     pipe = RefAlignPipeline.from_bundle(tmp_path / "m" / "refalign_toy_baseline")
+    assert pipe.text_encoder.length == full["text_length"]
     frames = pipe("a disc moves right", [torch.rand(32, 32, 3)], steps=2, num_frames=5).frames
     assert frames.shape == (5, 128, 128, 3)
     ablation = subprocess.run([sys.executable, str(ROOT / "train" / "ablation_toy.py"), "--models", str(tmp_path / "m"),
-                               "--out", str(tmp_path / "ab"), "--cases", "2", "--seeds", "2", "--steps", "2",
-                               "--views", "2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                               "--ablation-models", str(tmp_path / "extra"), "--out", str(tmp_path / "ab"),
+                               "--cases", "2", "--seeds", "2", "--steps", "2", "--views", "2"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert ablation.returncode == 0, ablation.stderr[-2000:]
+    assert ablation.stdout.strip().splitlines()[-1].startswith("confusion RefAlign - baseline: ")
     table = (tmp_path / "ab" / "ablation.md").read_text()
-    for row in ("| RefAlign |", "| baseline |", "| positive-only RA |", "| world clip (ceiling) |",
-                "| RefAlign − baseline |", "| VFM (teacher) |", "| RefAlign, block 1 |", "| baseline, block 5 |"):
+    for row in ("| RefAlign |", "| baseline |", "| positive-only RA |", "| RefAlign, EfficientNet teacher |",
+                "| world clip (ceiling) |", "| RefAlign (seeds 0+1) − baseline (seeds 0+1) |",
+                "| toy teacher (teacher) |", "| EfficientNet-Lite0 (teacher) |", "| RefAlign, block 1 |",
+                "| baseline, block 5 |"):
         assert row in table, row
     result = json.loads((tmp_path / "ab" / "ablation.json").read_text())
     per_case = result["generation"]["per_case"]
-    assert len(per_case["RefAlign"]) == 2 and set(per_case["RefAlign"][0]) == {"identity", "confusion",
-                                                                                "copy_paste", "motion"}
-    retrieval = result["representation"]["per_subject"]["VFM (teacher)"]["retrieval"]
+    assert len(per_case["RefAlign"]) == 2
+    assert set(per_case["RefAlign"][0]) == {"accuracy", "confusion", "top_lane", "lower_lanes", "attribute_shape",
+                                            "attribute_pattern", "attribute_colours"}
+    retrieval = result["representation"]["per_subject"]["toy teacher (teacher)"]["retrieval"]
     assert len(retrieval) == 24 and all(0 <= r <= 1 for r in retrieval)
 
 
 def test_a_rerun_in_the_same_work_folder_reuses_finished_stages_and_gives_the_same_files(tmp_path):
     first, _ = run_recipe(tmp_path)
     second, log = run_recipe(tmp_path)
-    assert "world: reusing" in log and "autoencoders: reusing" in log
+    assert all(f"{stage}: reusing" in log for stage in ("world", "autoencoders", "judge", "teacher"))
     assert second["sha256"] == first["sha256"]
     assert second["wall_seconds"]["vae_s"] == first["wall_seconds"]["vae_s"]  # the time of the run that built it

@@ -179,6 +179,7 @@ def test_killed_at_random_moments_it_always_resumes_bit_exactly(tmp_path, data):
     assert rows == [str(i) for i in range(1, 25)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
 def test_two_processes_resume_bit_exactly(tmp_path, data, launcher):
     """2 CPU processes (gloo): DDP through torchrun, FSDP2 through `accelerate launch` with the shipped config."""

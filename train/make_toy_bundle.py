@@ -1,20 +1,28 @@
 """The recipe for the embedded toy models: one command, CPU, fixed seeds.
 
     python train/make_toy_bundle.py [--out refalign_core/toy/models] [--work DIR] [--scale 1.0]
+                                    [--ablation-models DIR]
 
 1. toy world: training clips of training identities (`refalign_core.toy.world`);
-2. text encoder: a word-level tokenizer over the toy vocabulary + a small frozen, seeded umT5;
+2. text encoder: a word-level tokenizer over the toy vocabulary (prompts padded to 16 tokens, not Wan's 512: the
+   captions are at most 15) + a small frozen, seeded umT5;
 3. VAE: a `ToyVideoVAE` (Wan2.1 latent layout, 2-D convolutions) trained to reconstruct crops of toy clips and
    references (L1), then its latent mean / std measured on whole clips and stored in its config;
-4. three DiTs with `refalign_core.training.train` on the same cached data, steps and seed: RefAlign (RA loss, VFM =
-   EfficientNet-Lite0), the baseline (RA off) and positive-only RA (no push term; for the ablation);
-5. bundles `refalign_toy/`, `refalign_toy_baseline/` and `refalign_toy_positive_only/` (each whole: DiT, VAE,
-   text encoder, defaults) and `refalign_toy/recipe.json` with the settings, wall times and a SHA-256 of every file.
+4. the world judge (`refalign_core.toy.judge`), calibrated on clips of held-out identities;
+5. the toy teacher (`refalign_core.toy.teacher`), a VFM trained on references of training identities only;
+6. two DiTs with `refalign_core.training.train` on the same cached data, steps and seed: RefAlign (RA loss with the
+   toy teacher) and the baseline (RA off);
+7. bundles `refalign_toy/` and `refalign_toy_baseline/` (each whole: DiT, VAE, text encoder, defaults), `judge.
+   safetensors`, `teacher.safetensors` and `refalign_toy/recipe.json` with the settings, wall times, the judge's
+   calibration, the teachers' retrieval and a SHA-256 of every file.
+With `--ablation-models DIR` it then also trains the ablation's models (not shipped) into bundles in DIR: positive-
+only RA, RefAlign with EfficientNet-Lite0 as the teacher, and RefAlign and the baseline again with training seed 1.
 `--scale` multiplies every step / video count (the tests use a tiny scale). With `--work DIR` an interrupted run
-picks up where it stopped: finished stages (world, text encoder + VAE, cache) are reused when their recorded
-settings match, and a DiT resumes bit-exactly from its newest checkpoint."""
+picks up where it stopped: finished stages (world, text encoder + VAE, judge, teacher, caches) are reused when their
+recorded settings match, and a DiT resumes bit-exactly from its newest checkpoint."""
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -25,9 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.references import to_chw
+from refalign_core.toy.judge import WorldJudge, calibrate, save_judge, train_judge
+from refalign_core.toy.teacher import teacher_report, train_teacher
 from refalign_core.toy.tiny import tiny_text_encoder, word_tokenizer
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy.world import FPS, make_toy_world, vocabulary
@@ -35,28 +46,37 @@ from refalign_core.training import parse_config, train
 from refalign_core.training.data import SkipCounter, load_video_clip
 from refalign_core.training.datasets import read_jsonl
 from refalign_core.vae import save_vae
+from refalign_core.vfm import load_vfm
 from refalign_core.video_io import load_image
 
 OUT = Path(__file__).resolve().parents[1] / "refalign_core" / "toy" / "models"
 RECIPE = {
     "seed": 0,
-    "world": {"num_videos": 1200, "frames": 9, "size": 128},
+    "world": {"num_videos": 2000, "frames": 5, "size": 128},
     "text_encoder": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
     "vae": {"block_channels": [32, 64, 96, 96], "steps": 1000, "lr": 1e-3, "batch": 8, "crop": 64,
             "latent_noise": 0.1},
     "dit": {"num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
             "text_dim": 64, "freq_dim": 256, "ffn_dim": 384, "num_layers": 6},
-    "train": {"max_steps": 4500, "batch_size": 4, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 500,
+    "train": {"max_steps": 5000, "batch_size": 4, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 500,
               "ema_decay": 0.999, "loss_weighting": "uniform"},
+    "text_length": 16,
+    "judge": {"clips": 1200, "steps": 2500, "batch": 128},
+    "teacher": {"views": 16, "steps": 1500, "batch": 64, "dim": 64, "width": 32},
     "augment_copies": 2,
     "alignment_blocks": [0, 1],
-    "defaults": {"width": 128, "height": 128, "num_frames": 9, "steps": 25, "shift": 2.0, "image_scale": 2.5,
+    "defaults": {"width": 128, "height": 128, "num_frames": 5, "steps": 25, "shift": 2.0, "image_scale": 2.5,
                  "text_scale": 2.5, "sampler": "euler", "fps": FPS},
 }
-VARIANTS = {  # bundle folder -> alignment settings
-    "refalign_toy": {"enabled": True},
-    "refalign_toy_baseline": {"enabled": False},
-    "refalign_toy_positive_only": {"enabled": True, "neg_weight": 0.0},
+SHIPPED = {  # bundle folder -> what differs from the recipe: alignment settings, teacher, training seed
+    "refalign_toy": {"alignment": {"enabled": True}, "vfm": "toy-teacher"},
+    "refalign_toy_baseline": {"alignment": {"enabled": False}, "vfm": "toy-teacher"},
+}
+ABLATION = {
+    "refalign_toy_positive_only": {"alignment": {"enabled": True, "neg_weight": 0.0}, "vfm": "toy-teacher"},
+    "refalign_toy_efficientnet": {"alignment": {"enabled": True}, "vfm": "efficientnet-lite0"},
+    "refalign_toy_seed1": {"alignment": {"enabled": True}, "vfm": "toy-teacher", "seed": 1},
+    "refalign_toy_baseline_seed1": {"alignment": {"enabled": False}, "vfm": "toy-teacher", "seed": 1},
 }
 
 
@@ -126,48 +146,36 @@ def stage(work: Path, name: str, settings: dict, build) -> float | None:
     return seconds
 
 
-def dit_config(recipe: dict, manifest: Path, bundle: Path, work: Path, alignment: dict, name: str):
-    """The training config of one DiT variant (all variants share data, cache, steps and seed)."""
-    world = recipe["world"]
+def dit_config(recipe: dict, manifest: Path, bundle: Path, work: Path, variant: dict, name: str):
+    """The training config of one DiT variant (all variants share data, steps and, unless set, the seed; variants
+    with the same teacher and seed share a feature cache)."""
+    world, seed = recipe["world"], variant.get("seed", recipe["seed"])
+    vfm = str(work / "teacher" / "teacher.safetensors") if variant["vfm"] == "toy-teacher" else variant["vfm"]
     return parse_config({
-        "seed": recipe["seed"],
+        "seed": seed,
         "shift": recipe["defaults"]["shift"],  # sampled with the same shift
         "model": {"dit": "tiny", "dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
-                  "text_encoder": str(bundle / "text_encoder"), "vfm": "efficientnet-lite0"},
+                  "text_encoder": str(bundle / "text_encoder"), "vfm": vfm},
         "data": {"datasets": [{"path": str(manifest)}], "fps": None, "augment_copies": recipe["augment_copies"],
                  "num_workers": 0,
-                 "buckets": {"sizes": [[world["size"], world["size"]]], "frames": [world["frames"]]},
-                 "cache_dir": str(work / "cache")},
+                 "buckets": {"sizes": [[world["size"], world["size"]]], "frames": [world["frames"]],
+                             "by_references": True},
+                 "cache_dir": str(work / f"cache-{variant['vfm']}-seed{seed}")},
         "train": {**recipe["train"], "mixed_precision": "no", "keep_last": 1},
         "memory": {"gradient_checkpointing": False},
-        "alignment": {"blocks": recipe["alignment_blocks"], **alignment},
+        "alignment": {"blocks": recipe["alignment_blocks"], **variant["alignment"]},
     }, f"toy recipe ({name})")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(OUT), help="folder that receives the three bundle folders")
-    parser.add_argument("--work", help="scratch folder (default: a temporary one)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step / video count (tests)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the recorded hashes assume 2 threads
-    recipe = json.loads(json.dumps(RECIPE))
-    for section, key in (("world", "num_videos"), ("vae", "steps"), ("train", "max_steps"),
-                         ("train", "checkpoint_every"), ("train", "warmup_steps")):
-        recipe[section][key] = max(2, int(recipe[section][key] * args.scale))
-    work = Path(args.work or tempfile.mkdtemp(prefix="refalign_toy_"))
-    out = Path(args.out)
-    folders = {name: out / name for name in VARIANTS}
-    for folder in folders.values():
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-    bundle = folders["refalign_toy"]
+def build_autoencoders(recipe: dict, work: Path) -> tuple[Path, float, dict]:
+    """Stages 1–3 into `work`: the world, the text encoder and the VAE. Returns (manifest, the VAE's L1 on the
+    training clips, stage wall seconds)."""
     times = {"world_s": stage(work, "world", {"seed": recipe["seed"], **recipe["world"]},
                               lambda folder: make_toy_world(folder, split="train", seed=recipe["seed"],
                                                             **recipe["world"]))}
     manifest = work / "world" / "manifest.jsonl"
 
-    def build_autoencoders(folder: Path) -> None:
+    def build(folder: Path) -> None:
         tokenizer = word_tokenizer(vocabulary())
         encoder = tiny_text_encoder(recipe["seed"], vocab_size=len(tokenizer), **recipe["text_encoder"])
         encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
@@ -178,33 +186,107 @@ def main(argv=None) -> int:
         (folder / "vae_l1.json").write_text(json.dumps(vae_loss))
 
     autoencoder_settings = {k: recipe[k] for k in ("seed", "world", "text_encoder", "vae")}
-    times["vae_s"] = stage(work, "autoencoders", autoencoder_settings, build_autoencoders)
-    vae_loss = json.loads((work / "autoencoders" / "vae_l1.json").read_text())
-    shutil.copyfile(work / "autoencoders" / "vae.safetensors", bundle / "vae.safetensors")
-    shutil.copytree(work / "autoencoders" / "text_encoder", bundle / "text_encoder")
+    times["vae_s"] = stage(work, "autoencoders", autoencoder_settings, build)
+    return manifest, json.loads((work / "autoencoders" / "vae_l1.json").read_text()), times
 
-    for name, alignment in VARIANTS.items():
-        start = time.perf_counter()
-        train(dit_config(recipe, manifest, bundle, work, alignment, name), work / name,
+
+def build_judge_and_teacher(recipe: dict, work: Path) -> tuple[dict, dict]:
+    """Stages 4–5 into `work`: the world judge (+ its calibration) and the toy teacher (+ its report next to
+    EfficientNet-Lite0's). Returns (stage wall seconds, reports)."""
+    def judge(folder: Path) -> None:
+        net = train_judge(seed=recipe["seed"], **recipe["judge"])
+        save_judge(net, folder / "judge.safetensors")
+        (folder / "calibration.json").write_text(json.dumps(calibrate(WorldJudge(net))))
+
+    def teacher(folder: Path) -> None:
+        train_teacher(seed=recipe["seed"], **recipe["teacher"]).save(folder / "teacher.safetensors")
+
+    def report(folder: Path) -> None:
+        teachers = {"toy teacher": load_vfm(str(work / "teacher" / "teacher.safetensors")),
+                    "efficientnet-lite0": load_vfm("efficientnet-lite0")}
+        (folder / "report.json").write_text(json.dumps({name: teacher_report(vfm) for name, vfm in teachers.items()}))
+
+    teacher_settings = {"seed": recipe["seed"], **recipe["teacher"]}
+    times = {"judge_s": stage(work, "judge", {"seed": recipe["seed"], **recipe["judge"]}, judge),
+             "teacher_s": stage(work, "teacher", teacher_settings, teacher)}
+    stage(work, "teacher_report", teacher_settings, report)
+    reports = {"judge_calibration": json.loads((work / "judge" / "calibration.json").read_text()),
+               "teachers": json.loads((work / "teacher_report" / "report.json").read_text())}
+    return times, reports
+
+
+def write_text_encoder(source: Path, folder: Path, length: int) -> None:
+    """Copy the text encoder, its tokenizer set to pad prompts to `length` tokens."""
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.model_max_length = length
+    tokenizer.save_pretrained(folder)
+
+
+def train_variants(variants: dict, recipe: dict, manifest: Path, bundle: Path, work: Path, out: Path) -> dict:
+    """Train each DiT variant and write it as a whole bundle `out/<name>/` (the VAE and text encoder of `bundle`).
+    Returns per variant the seconds its training steps took (log.csv: kept across resumed runs)."""
+    times = {}
+    for name, variant in variants.items():
+        folder = out / name
+        train(dit_config(recipe, manifest, bundle, work, variant, name), work / name,
               resume=(work / name / "checkpoints").is_dir())
-        times[f"{name}_s"] = time.perf_counter() - start
-        shutil.copyfile(work / name / "dit.safetensors", folders[name] / "dit.safetensors")
-        shutil.copyfile(work / name / "log.csv", folders[name] / "train_log.csv")
-        if alignment["enabled"]:
-            shutil.copyfile(work / name / "projectors.safetensors", folders[name] / "projectors.safetensors")
-        if folders[name] != bundle:  # every bundle is whole on its own (a bundle names no file outside itself)
-            shutil.copyfile(bundle / "vae.safetensors", folders[name] / "vae.safetensors")
-            shutil.copytree(bundle / "text_encoder", folders[name] / "text_encoder")
+        with (work / name / "log.csv").open() as log:
+            times[f"{name}_steps_s"] = sum(float(row["seconds"]) for row in csv.DictReader(log))
+        if folder != bundle:  # every bundle is whole on its own (a bundle names no file outside itself)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            shutil.copyfile(bundle / "vae.safetensors", folder / "vae.safetensors")
+            shutil.copytree(bundle / "text_encoder", folder / "text_encoder")
+        shutil.copyfile(work / name / "dit.safetensors", folder / "dit.safetensors")
+        shutil.copyfile(work / name / "log.csv", folder / "train_log.csv")
+        if variant["alignment"]["enabled"]:
+            shutil.copyfile(work / name / "projectors.safetensors", folder / "projectors.safetensors")
         manifest_json = {"format": "refalign-bundle", "version": 1, "dit": "dit.safetensors",
                          "vae": "vae.safetensors", "text_encoder": "text_encoder", "defaults": recipe["defaults"]}
-        (folders[name] / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
-    files = {str(p.relative_to(out)): sha256(p) for folder in folders.values() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != "recipe.json"}
+        (folder / BUNDLE_FILE).write_text(json.dumps(manifest_json, indent=1))
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(OUT), help="folder that receives the shipped bundles, judge and teacher")
+    parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step / video count (tests)")
+    parser.add_argument("--ablation-models", help="also train the ablation's models into bundles in this folder")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the recorded hashes assume 2 threads
+    recipe = json.loads(json.dumps(RECIPE))
+    for section, key in (("world", "num_videos"), ("vae", "steps"), ("train", "max_steps"),
+                         ("train", "checkpoint_every"), ("train", "warmup_steps"), ("judge", "clips"),
+                         ("judge", "steps"), ("teacher", "views"), ("teacher", "steps")):
+        recipe[section][key] = max(2, int(recipe[section][key] * args.scale))
+    work = Path(args.work or tempfile.mkdtemp(prefix="refalign_toy_"))
+    out = Path(args.out)
+    bundle = out / "refalign_toy"
+    for name in SHIPPED:
+        shutil.rmtree(out / name, ignore_errors=True)
+    bundle.mkdir(parents=True)
+    manifest, vae_loss, times = build_autoencoders(recipe, work)
+    shutil.copyfile(work / "autoencoders" / "vae.safetensors", bundle / "vae.safetensors")
+    write_text_encoder(work / "autoencoders" / "text_encoder", bundle / "text_encoder", recipe["text_length"])
+    stage_times, reports = build_judge_and_teacher(recipe, work)
+    times |= stage_times
+    shutil.copyfile(work / "judge" / "judge.safetensors", out / "judge.safetensors")
+    shutil.copyfile(work / "teacher" / "teacher.safetensors", out / "teacher.safetensors")
+    times |= train_variants(SHIPPED, recipe, manifest, bundle, work, out)
+
+    shipped = [out / "judge.safetensors", out / "teacher.safetensors"] + [
+        p for name in SHIPPED for p in sorted((out / name).rglob("*")) if p.is_file() and p.name != "recipe.json"]
     record = {"recipe": recipe, "command": "python train/make_toy_bundle.py", "vae_l1_training_clips": vae_loss,
-              "wall_seconds": {k: None if v is None else round(v, 1) for k, v in times.items()},
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "sha256": files}
+              **reports, "wall_seconds": {k: None if v is None else round(v, 1) for k, v in times.items()},
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "sha256": {str(p.relative_to(out)): sha256(p) for p in shipped}}
     (bundle / "recipe.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record["wall_seconds"]), flush=True)
+    if args.ablation_models:
+        ablation_times = train_variants(ABLATION, recipe, manifest, bundle, work, Path(args.ablation_models))
+        print(json.dumps({k: round(v, 1) for k, v in ablation_times.items()}), flush=True)
     return 0
 
 

@@ -4,7 +4,8 @@ The embedded model is the trained toy bundle shipped with the package (`refalign
 built by `train/make_toy_bundle.py`). Where that folder is absent, an untrained tiny bundle (random weights, seed 0)
 is built once into the user's cache folder so every stage still runs. The demo runs the full reference-to-video
 path — fit references on white, VAE-encode, three-pass guided sampling, decode, write — and scores the result with
-the Identity Check next to its ceiling: the same check on the toy world's own clip of the demo case."""
+the world judge (`judge.py`: the right subject in each lane, per frame) and with the Identity Check next to its
+ceiling, the same check on the toy world's own clip of the demo case."""
 
 import json
 import os
@@ -20,13 +21,13 @@ from ..pipeline import RefAlignPipeline
 from ..sampler import SamplingSettings
 from ..text_encoder import load_text_encoder
 from ..video_io import write_video
+from .judge import JUDGE_FILE, WorldJudge
 from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
 from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
 
 DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
 SHIPPED_BUNDLE = EMBEDDED_FOLDER / "refalign_toy"
 SHIPPED_BASELINE = EMBEDDED_FOLDER / "refalign_toy_baseline"  # same data and steps, RA loss off
-SHIPPED_POSITIVE_ONLY = EMBEDDED_FOLDER / "refalign_toy_positive_only"  # RA without the push term (ablation)
 
 
 def embedded_bundle() -> Path:
@@ -65,9 +66,23 @@ def demo_references() -> list[Image.Image]:
     return [reference_image(track.subject, rng, SIZE)[0] for track in DEMO_TRACKS]
 
 
+def frame_strip(references: list[Image.Image], frames, gap: int = 8) -> Image.Image:
+    """The references, a gap, then every frame, side by side at the video's height."""
+    height = frames.shape[1]
+    tiles = [image.convert("RGB").resize((height * image.width // image.height, height)) for image in references]
+    tiles += [Image.fromarray((frame.clamp(0, 1) * 255).round().byte().numpy()) for frame in frames]
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap, height), (255, 255, 255))
+    x = 0
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (x, 0))
+        x += tile.width + (gap if i == len(references) - 1 else 0)
+    return strip
+
+
 def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
-    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result with the Identity
-    Check, next to the same check on the world's own clip of the case (report JSON / text, contact sheet). Every
+    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result with the world judge
+    (`judge_accuracy` per subject) and the Identity Check, next to the same check on the world's own clip of the
+    case (report JSON / text, contact sheet). Every
     file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of them.
     Returns the written paths."""
     from ..identity import IdentitySettings, check_identity
@@ -79,6 +94,8 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     references = demo_references()
     result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
     names = list(DEMO_NAMES)
+    verdict = WorldJudge.load()(result.frames, [track.subject for track in DEMO_TRACKS], names) \
+        if JUDGE_FILE.is_file() else None
     vfm = load_vfm()
     settings = IdentitySettings(sample_frames=len(result.frames))
     report = check_identity(references, result.frames, vfm, names=names, settings=settings,
@@ -91,6 +108,8 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     if ceiling is not None:
         text += "\n  ceiling (the same check on the toy world's own clip of this case): " + ", ".join(
             f"{s.name} {s.mean:.3f} ({r.mean / s.mean:.0%} of it)" for s, r in zip(ceiling.subjects, report.subjects))
+    if verdict is not None:
+        text += "\n" + verdict.summary()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
     try:
@@ -100,11 +119,16 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
             "identity_json": staging / "identity.json",
             "identity_report": staging / "identity.txt",
             "contact_sheet": staging / "contact_sheet.png",
+            "frame_strip": staging / "frames.png",
         }
         summary = report.to_dict() | {"ceiling": {s.name: s.mean for s in ceiling.subjects} if ceiling else None}
+        if verdict is not None:
+            summary["judge_accuracy"] = {s.name: s.accuracy for s in verdict.subjects}
+            summary["judge"] = verdict.to_dict()
         staged["identity_json"].write_text(json.dumps(summary, indent=1))
         staged["identity_report"].write_text(text + "\n")
         contact_sheet(report, references, result.frames).save(staged["contact_sheet"])
+        frame_strip(references, result.frames).save(staged["frame_strip"])
         paths = {}
         for name, path in staged.items():
             paths[name] = out / path.name

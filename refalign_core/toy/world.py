@@ -1,6 +1,6 @@
 """A deterministic synthetic multi-subject world for training and evaluating reference-to-video at toy scale.
 
-A subject's identity is (shape, body colour, pattern, pattern colour). A clip (default 9 frames, 128×128, 8 fps)
+A subject's identity is (shape, body colour, pattern, pattern colour). A clip (default 5 frames, 128×128, 8 fps)
 shows 1–3 subjects over a plain grey background, one per horizontal lane from the top in reference order, each
 gliding left or right. The caption names each subject's shape and direction in the same order ("a disc moves right
 and a star moves left"): colour and pattern come from the references alone, as a reference-to-video model must take
@@ -28,7 +28,7 @@ MOTIONS = {1: "moves right", -1: "moves left"}
 BACKGROUND = (96, 100, 112)
 SUBJECT_SIZES = {1: 60, 2: 50, 3: 38}  # pixels, by the number of subjects
 DISTANCE = 0.375  # of the frame, over the clip
-SIZE, FRAMES, FPS = 128, 9, 8
+SIZE, FRAMES, FPS = 128, 5, 8
 HELD_OUT = 24
 
 
@@ -72,7 +72,8 @@ def all_subjects(seed: int = 0, held_out: int = HELD_OUT) -> tuple[list[Subject]
     for shape in SHAPES:
         for colour in colours:
             for pattern in PATTERNS:
-                accent = colours[(colours.index(colour) + 3 + SHAPES.index(shape)) % len(colours)]
+                # never the body colour itself, or the pattern would not show
+                accent = colours[(colours.index(colour) + 1 + SHAPES.index(shape)) % len(colours)]
                 subjects.append(Subject(shape, colour, pattern, accent if pattern != "plain" else colour))
     order = rng.permutation(len(subjects))
     held = {int(i) for i in order[:held_out]}
