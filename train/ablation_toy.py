@@ -19,10 +19,13 @@ term), RefAlign with EfficientNet-Lite0 as the teacher, and RefAlign and the bas
    The world's own clip of each case is judged too: the ceiling.
 
 Means with 95 % intervals (percentile bootstrap over identities / cases, each case averaged over seeds) and paired
-differences. Writes `ablation.json` and `ablation.md`; the last line printed is
+differences. Each model's scores are kept in `OUT/models/<bundle>.json` with what they depend on (its DiT, the
+judge, cases, seeds, views, steps) and reused by a later run, so models can be added one at a time. Writes
+`ablation.json` and `ablation.md`; the last line printed is
 `confusion RefAlign - baseline: <mean> [<low>, <high>]` (both training seeds where the seed-1 models exist)."""
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -30,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from refalign_core.bundles import read_bundle
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.references import Reference, encode_references
 from refalign_core.toy.judge import HEADS, WorldJudge
@@ -80,20 +83,6 @@ def dit_embeddings(pipe: RefAlignPipeline, images: torch.Tensor, blocks: list[in
     return {b: torch.stack(x) for b, x in out.items()}
 
 
-def representation(pipes: dict[str, RefAlignPipeline], teachers: dict, views: int) -> dict:
-    size = next(iter(pipes.values())).settings.width
-    _, held_out = all_subjects()
-    images, _ = reference_set(held_out, views, seed=1, size=size)
-    shape = (len(held_out), views, -1)
-    scores = {f"{name} (teacher)": retrieval_scores(pooled_tokens(vfm, images).view(shape))
-              for name, vfm in teachers.items()}
-    for name, pipe in pipes.items():
-        blocks = [1, pipe.dit.config.num_layers - 1]
-        for block, embedding in dit_embeddings(pipe, images, blocks).items():
-            scores[f"{name}, block {block}"] = retrieval_scores(embedding.view(shape))
-    return {"subjects": [s.id for s in held_out], "views": views, "per_subject": scores}
-
-
 def judged(verdict) -> dict[str, float]:
     """A verdict's numbers: means over subjects, and the top lane apart from the lower ones (binding by order: do the
     lower lanes get their own subject, or the first one's?)."""
@@ -103,23 +92,49 @@ def judged(verdict) -> dict[str, float]:
             **{f"attribute_{a}": float(np.mean([s.attributes[a] for s in verdict.subjects])) for a in HEADS}}
 
 
-def generation(pipes: dict[str, RefAlignPipeline], judge: WorldJudge, cases: int, seeds: int) -> dict:
-    settings = next(iter(pipes.values())).settings
+def held_out_cases(count: int, size: int, frames: int) -> list[dict]:
+    """`count` cases of 2–3 held-out subjects (the same for every model): tracks, references, the world's clip."""
     _, held_out = all_subjects()
     rng = np.random.default_rng(1)
-    per_case = {name: [] for name in [CEILING, *pipes]}
-    for _ in tqdm(range(cases), desc="cases", unit="case"):
+    cases = []
+    for _ in range(count):
         tracks = sample_case(held_out, rng, min_subjects=2, max_subjects=3)
         subjects = [t.subject for t in tracks]
-        pairs = [reference_image(s, rng, settings.width) for s in subjects]
-        references = [Reference(image, mask, s.id) for (image, mask), s in zip(pairs, subjects)]
-        truth = render_clip(tracks, BACKGROUND, settings.num_frames, settings.width)
-        per_case[CEILING].append(judged(judge(truth, subjects)))
-        for name, pipe in pipes.items():
-            runs = [judged(judge(pipe(caption(tracks), references, negative_prompt="", seed=seed).frames, subjects))
-                    for seed in range(seeds)]
-            per_case[name].append({m: float(np.mean([r[m] for r in runs])) for m in GENERATION})
-    return {"cases": cases, "seeds": seeds, "per_case": per_case}
+        pairs = [reference_image(s, rng, size) for s in subjects]
+        cases.append({"tracks": tracks, "subjects": subjects,
+                      "references": [Reference(image, mask, s.id) for (image, mask), s in zip(pairs, subjects)],
+                      "truth": render_clip(tracks, BACKGROUND, frames, size)})
+    return cases
+
+
+def score_model(pipe: RefAlignPipeline, images: torch.Tensor, cases: list[dict], judge: WorldJudge,
+                seeds: int) -> dict:
+    """One model's representation retrieval (block 1 and the last block) and judged generation per case (each the
+    mean over `seeds` sampling seeds)."""
+    views = images.shape[0] // len(all_subjects()[1])
+    blocks = [1, pipe.dit.config.num_layers - 1]
+    representation = {f"block {block}": retrieval_scores(embedding.view(-1, views, embedding.shape[-1]))
+                      for block, embedding in dit_embeddings(pipe, images, blocks).items()}
+    generation = []
+    for case in tqdm(cases, desc="cases", unit="case"):
+        runs = [judged(judge(pipe(caption(case["tracks"]), case["references"], negative_prompt="", seed=seed).frames,
+                             case["subjects"])) for seed in range(seeds)]
+        generation.append({m: float(np.mean([r[m] for r in runs])) for m in GENERATION})
+    return {"representation": representation, "generation": generation}
+
+
+def cached_scores(path: Path, key: dict, compute) -> dict:
+    """`compute()`, or what an earlier run saved at `path` with the same `key` (an ablation grows one model at a
+    time: each model's scores are kept apart and reused)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["scores"]
+    scores = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "scores": scores}))
+    tmp.replace(path)
+    return scores
 
 
 def pool_seeds(rows: dict[str, dict[str, list[float]]]) -> None:
@@ -143,15 +158,16 @@ def table(rows: dict[str, dict[str, list[float]]], columns: dict[str, str], pair
     return lines
 
 
-def load_models(models: Path, extra: Path | None, steps: int | None) -> dict[str, RefAlignPipeline]:
+def model_folders(models: Path, extra: Path | None) -> dict[str, Path]:
+    """The shipped bundles, and the ablation's extra ones that exist."""
     folders = {name: models / folder for name, folder in SHIPPED.items()}
     if extra is not None:
         folders |= {name: extra / folder for name, folder in EXTRA.items() if (extra / folder).is_dir()}
-    pipes = {name: RefAlignPipeline.from_bundle(folder) for name, folder in folders.items()}
-    if steps is not None:
-        for pipe in pipes.values():
-            pipe.settings = pipe.settings.replace(steps=steps)
-    return pipes
+    return folders
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv=None) -> int:
@@ -169,14 +185,35 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     out, models = Path(args.out), Path(args.models)
     out.mkdir(parents=True, exist_ok=True)
-    pipes = load_models(models, Path(args.ablation_models) if args.ablation_models else None, args.steps)
+    folders = model_folders(models, Path(args.ablation_models) if args.ablation_models else None)
     start = time.perf_counter()
+    settings = read_bundle(folders["RefAlign"]).settings
+    _, held_out = all_subjects()
+    images, _ = reference_set(held_out, args.views, seed=1, size=settings.width)
+    cases = held_out_cases(args.cases, settings.width, settings.num_frames)
+    judge = WorldJudge.load(models / "judge.safetensors")
     teachers = {"toy teacher": load_vfm(str(models / "teacher.safetensors")),
                 "EfficientNet-Lite0": load_vfm("efficientnet-lite0")}
-    rep = representation(pipes, teachers, args.views)
-    gen = generation(pipes, WorldJudge.load(models / "judge.safetensors"), args.cases, args.seeds)
-    rep_rows = rep["per_subject"]
-    gen_rows = {name: {m: [case[m] for case in cases] for m in GENERATION} for name, cases in gen["per_case"].items()}
+    rep_rows = {f"{name} (teacher)": retrieval_scores(pooled_tokens(vfm, images).view(len(held_out), args.views, -1))
+                for name, vfm in teachers.items()}
+    gen_rows = {CEILING: [judged(judge(case["truth"], case["subjects"])) for case in cases]}
+    (out / "models").mkdir(exist_ok=True)
+    for name, folder in folders.items():
+        key = {"dit": sha256_file(folder / "dit.safetensors"), "judge": sha256_file(models / "judge.safetensors"),
+               "cases": args.cases, "seeds": args.seeds, "views": args.views, "steps": args.steps}
+
+        def compute(folder=folder):
+            pipe = RefAlignPipeline.from_bundle(folder)
+            if args.steps is not None:
+                pipe.settings = pipe.settings.replace(steps=args.steps)
+            return score_model(pipe, images, cases, judge, args.seeds)
+
+        scores = cached_scores(out / "models" / f"{folder.name}.json", key, compute)
+        rep_rows |= {f"{name}, {block}": values for block, values in scores["representation"].items()}
+        gen_rows[name] = scores["generation"]
+    rep = {"subjects": [s.id for s in held_out], "views": args.views, "per_subject": rep_rows}
+    gen = {"cases": args.cases, "seeds": args.seeds, "per_case": gen_rows}
+    gen_rows = {name: {m: [case[m] for case in per_case] for m in GENERATION} for name, per_case in gen_rows.items()}
     pool_seeds(gen_rows)
     main_pair = ("RefAlign (seeds 0+1)", "baseline (seeds 0+1)") if "RefAlign (seeds 0+1)" in gen_rows \
         else ("RefAlign", "baseline")
