@@ -107,11 +107,10 @@ def held_out_cases(count: int, size: int, frames: int) -> list[dict]:
     return cases
 
 
-def score_model(pipe: RefAlignPipeline, images: torch.Tensor, cases: list[dict], judge: WorldJudge,
+def score_model(pipe: RefAlignPipeline, images: torch.Tensor, views: int, cases: list[dict], judge: WorldJudge,
                 seeds: int) -> dict:
-    """One model's representation retrieval (block 1 and the last block) and judged generation per case (each the
-    mean over `seeds` sampling seeds)."""
-    views = images.shape[0] // len(all_subjects()[1])
+    """One model's representation retrieval (block 1 and the last block; `images` are `views` references of each
+    held-out identity) and judged generation per case (each the mean over `seeds` sampling seeds)."""
     blocks = [1, pipe.dit.config.num_layers - 1]
     representation = {f"block {block}": retrieval_scores(embedding.view(-1, views, embedding.shape[-1]))
                       for block, embedding in dit_embeddings(pipe, images, blocks).items()}
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
             pipe = RefAlignPipeline.from_bundle(folder)
             if args.steps is not None:
                 pipe.settings = pipe.settings.replace(steps=args.steps)
-            return score_model(pipe, images, cases, judge, args.seeds)
+            return score_model(pipe, images, args.views, cases, judge, args.seeds)
 
         scores = cached_scores(out / "models" / f"{folder.name}.json", key, compute)
         rep_rows |= {f"{name}, {block}": values for block, values in scores["representation"].items()}
