@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from refalign_core.toy.judge import JUDGE_FILE, WorldJudge, calibrate, degrade, lane_crops, render_world_clips
+from refalign_core.toy.demo import SHIPPED_BUNDLE
+from refalign_core.toy.judge import JUDGE_FILE, WorldJudge, calibrate, degrade, lane_crops, render_world_clips, \
+    through_vae
 from refalign_core.toy.world import BACKGROUND, FRAMES, SIZE, Subject, all_subjects, plan_tracks, render_clip
+from refalign_core.vae import load_vae
 
 pytestmark = pytest.mark.skipif(not JUDGE_FILE.is_file(), reason="the shipped judge is built by the toy recipe")
 
@@ -79,6 +82,21 @@ def test_lane_crops_follow_the_subject_along_its_lane():
 def test_calibration_reports_the_ceiling(judge):
     result = calibrate(judge, clips=8)
     assert result["lanes"] >= 8 and 0.9 <= result["accuracy"] <= 1 and result["confusion"] <= 0.05
+
+
+def test_the_vae_ceiling_judges_each_clip_after_an_encode_and_decode(judge, held_out_clips):
+    vae = load_vae(SHIPPED_BUNDLE / "vae.safetensors")
+    video = held_out_clips[0][0]
+    decoded = through_vae(vae, video)
+    assert decoded.shape == video.shape and 0 <= decoded.min() and decoded.max() <= 1
+    assert (decoded - video).abs().mean() < 0.1  # the shipped VAE gives the clip back, if softly
+    flat = load_vae(SHIPPED_BUNDLE / "vae.safetensors")  # decodes every latent to the background
+    last = flat.decoder[-1]
+    last.weight.data.zero_()
+    last.bias.data.copy_(torch.tensor(BACKGROUND).div(255).mul(2).sub(1).repeat(last.bias.numel() // 3))
+    result = calibrate(judge, clips=4, vae=flat)
+    assert result["accuracy"] == 0 and result["confusion"] == 0
+    assert calibrate(judge, clips=4, vae=vae)["accuracy"] > 0
 
 
 def test_the_judge_refuses_what_it_cannot_score(judge):

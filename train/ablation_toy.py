@@ -16,7 +16,8 @@ term), RefAlign with EfficientNet-Lite0 as the teacher, and RefAlign and the bas
    (`refalign_core.toy.judge`): accuracy (the fraction of frames with the right subject in its lane, mean over
    subjects; also the top lane and the lower lanes apart), confusion (the fraction of frames whose lane shows
    another reference's attribute) and per attribute.
-   The world's own clip of each case is judged too: the ceiling.
+   The world's own clip of each case is judged too, as rendered (the judge's ceiling) and after the bundles' VAE
+   encodes and decodes it (the most a DiT with that VAE can score).
 
 Means with 95 % intervals (percentile bootstrap over identities / cases, each case averaged over seeds) and paired
 differences. Each model's scores are kept in `OUT/models/<bundle>.json` with what they depend on (its DiT, the
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from refalign_core.bundles import read_bundle
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.references import Reference, encode_references
-from refalign_core.toy.judge import HEADS, WorldJudge
+from refalign_core.toy.judge import HEADS, WorldJudge, through_vae
 from refalign_core.toy.teacher import pooled_tokens, reference_set, retrieval_scores, subject_token_mask
 from refalign_core.toy.world import BACKGROUND, all_subjects, caption, reference_image, render_clip, sample_case
 from refalign_core.vfm import load_vfm
@@ -52,7 +53,8 @@ GENERATION = {"accuracy": "right subject in its lane ↑", "confusion": "confusi
               **{f"attribute_{a}": f"{a} right" for a in HEADS}}
 REPRESENTATION = {"retrieval": "retrieval accuracy ↑", "same": "same-subject cosine",
                   "cross": "cross-subject cosine ↓"}
-CEILING = "world clip (ceiling)"
+CEILING = "world clip (judge ceiling)"
+VAE_CEILING = "world clip through the VAE (DiT ceiling)"
 
 
 def interval(values, seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
@@ -195,7 +197,9 @@ def main(argv=None) -> int:
                 "EfficientNet-Lite0": load_vfm("efficientnet-lite0")}
     rep_rows = {f"{name} (teacher)": retrieval_scores(pooled_tokens(vfm, images).view(len(held_out), args.views, -1))
                 for name, vfm in teachers.items()}
-    gen_rows = {CEILING: [judged(judge(case["truth"], case["subjects"])) for case in cases]}
+    vae = RefAlignPipeline.from_bundle(folders["RefAlign"]).vae
+    gen_rows = {CEILING: [judged(judge(case["truth"], case["subjects"])) for case in cases],
+                VAE_CEILING: [judged(judge(through_vae(vae, case["truth"]), case["subjects"])) for case in cases]}
     (out / "models").mkdir(exist_ok=True)
     for name, folder in folders.items():
         key = {"dit": sha256_file(folder / "dit.safetensors"), "judge": sha256_file(models / "judge.safetensors"),

@@ -8,7 +8,8 @@
    captions are at most 15) + a small frozen, seeded umT5;
 3. VAE: a `ToyVideoVAE` (Wan2.1 latent layout, 2-D convolutions) trained to reconstruct crops of toy clips and
    references (L1), then its latent mean / std measured on whole clips and stored in its config;
-4. the world judge (`refalign_core.toy.judge`), calibrated on clips of held-out identities;
+4. the world judge (`refalign_core.toy.judge`), calibrated on clips of held-out identities, as rendered and after a
+   VAE encode + decode (the most any DiT with this VAE can score);
 5. the toy teacher (`refalign_core.toy.teacher`), a VFM trained on references of training identities only;
 6. two DiTs with `refalign_core.training.train` on the same cached data, steps and seed: RefAlign (RA loss with the
    toy teacher) and the baseline (RA off);
@@ -45,7 +46,7 @@ from refalign_core.toy.world import FPS, make_toy_world, vocabulary
 from refalign_core.training import parse_config, train
 from refalign_core.training.data import SkipCounter, load_video_clip
 from refalign_core.training.datasets import read_jsonl
-from refalign_core.vae import save_vae
+from refalign_core.vae import load_vae, save_vae
 from refalign_core.vfm import load_vfm
 from refalign_core.video_io import load_image
 
@@ -191,12 +192,17 @@ def build_autoencoders(recipe: dict, work: Path) -> tuple[Path, float, dict]:
 
 
 def build_judge_and_teacher(recipe: dict, work: Path) -> tuple[dict, dict]:
-    """Stages 4–5 into `work`: the world judge (+ its calibration) and the toy teacher (+ its report next to
-    EfficientNet-Lite0's). Returns (stage wall seconds, reports)."""
+    """Stages 4–5 into `work`: the world judge (+ its calibration on world clips, as they are and through the VAE)
+    and the toy teacher (+ its report next to EfficientNet-Lite0's). Returns (stage wall seconds, reports)."""
     def judge(folder: Path) -> None:
         net = train_judge(seed=recipe["seed"], **recipe["judge"])
         save_judge(net, folder / "judge.safetensors")
         (folder / "calibration.json").write_text(json.dumps(calibrate(WorldJudge(net))))
+
+    def through_vae(folder: Path) -> None:
+        judge = WorldJudge.load(work / "judge" / "judge.safetensors")
+        vae = load_vae(work / "autoencoders" / "vae.safetensors")
+        (folder / "calibration.json").write_text(json.dumps(calibrate(judge, vae=vae)))
 
     def teacher(folder: Path) -> None:
         train_teacher(seed=recipe["seed"], **recipe["teacher"]).save(folder / "teacher.safetensors")
@@ -210,7 +216,11 @@ def build_judge_and_teacher(recipe: dict, work: Path) -> tuple[dict, dict]:
     times = {"judge_s": stage(work, "judge", {"seed": recipe["seed"], **recipe["judge"]}, judge),
              "teacher_s": stage(work, "teacher", teacher_settings, teacher)}
     stage(work, "teacher_report", teacher_settings, report)
+    stage(work, "judge_through_vae", {k: recipe[k] for k in ("seed", "world", "text_encoder", "vae", "judge")},
+          through_vae)
     reports = {"judge_calibration": json.loads((work / "judge" / "calibration.json").read_text()),
+               "judge_calibration_through_vae": json.loads((work / "judge_through_vae" / "calibration.json")
+                                                           .read_text()),
                "teachers": json.loads((work / "teacher_report" / "report.json").read_text())}
     return times, reports
 

@@ -4,8 +4,9 @@ The embedded model is the trained toy bundle shipped with the package (`refalign
 built by `train/make_toy_bundle.py`). Where that folder is absent, an untrained tiny bundle (random weights, seed 0)
 is built once into the user's cache folder so every stage still runs. The demo runs the full reference-to-video
 path — fit references on white, VAE-encode, three-pass guided sampling, decode, write — and scores the result with
-the world judge (`judge.py`: the right subject in each lane, per frame) and with the Identity Check next to its
-ceiling, the same check on the toy world's own clip of the demo case."""
+the world judge (`judge.py`: the right subject in each lane, per frame) and with the Identity Check, each next to its
+ceiling: the judge on the toy world's own clip of the demo case after the bundle's VAE (the most a DiT can reach with
+that VAE), the Identity Check on that clip as rendered."""
 
 import json
 import os
@@ -21,7 +22,7 @@ from ..pipeline import RefAlignPipeline
 from ..sampler import SamplingSettings
 from ..text_encoder import load_text_encoder
 from ..video_io import write_video
-from .judge import JUDGE_FILE, WorldJudge
+from .judge import JUDGE_FILE, WorldJudge, through_vae
 from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
 from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
 
@@ -94,22 +95,28 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     references = demo_references()
     result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
     names = list(DEMO_NAMES)
-    verdict = WorldJudge.load()(result.frames, [track.subject for track in DEMO_TRACKS], names) \
-        if JUDGE_FILE.is_file() else None
+    subjects = [track.subject for track in DEMO_TRACKS]
+    judge = WorldJudge.load() if JUDGE_FILE.is_file() else None
+    verdict = judge(result.frames, subjects, names) if judge else None
     vfm = load_vfm()
     settings = IdentitySettings(sample_frames=len(result.frames))
     report = check_identity(references, result.frames, vfm, names=names, settings=settings,
                             backbone_name="efficientnet-lite0")
-    ceiling = None
+    ceiling = judge_ceiling = None
     if tuple(result.frames.shape[1:3]) == (SIZE, SIZE):  # the world renders the case at its own size
         truth = render_clip(list(DEMO_TRACKS), BACKGROUND, result.frames.shape[0], SIZE)
         ceiling = check_identity(references, truth, vfm, names=names, settings=settings)
+        if judge is not None:
+            judge_ceiling = judge(through_vae(pipe.vae, truth), subjects, names)
     text = report.summary()
     if ceiling is not None:
         text += "\n  ceiling (the same check on the toy world's own clip of this case): " + ", ".join(
             f"{s.name} {s.mean:.3f} ({r.mean / s.mean:.0%} of it)" for s, r in zip(ceiling.subjects, report.subjects))
     if verdict is not None:
         text += "\n" + verdict.summary()
+    if judge_ceiling is not None:
+        text += "\n  judge ceiling (the world's own clip of this case through the bundle's VAE): " + ", ".join(
+            f"{s.name} {s.accuracy:.0%}" for s in judge_ceiling.subjects)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
     try:
@@ -125,6 +132,8 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
         if verdict is not None:
             summary["judge_accuracy"] = {s.name: s.accuracy for s in verdict.subjects}
             summary["judge"] = verdict.to_dict()
+        if judge_ceiling is not None:
+            summary["judge_ceiling"] = {s.name: s.accuracy for s in judge_ceiling.subjects}
         staged["identity_json"].write_text(json.dumps(summary, indent=1))
         staged["identity_report"].write_text(text + "\n")
         contact_sheet(report, references, result.frames).save(staged["contact_sheet"])

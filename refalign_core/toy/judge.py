@@ -15,7 +15,8 @@ striped or checkered sprite is half one, half the other). Per subject it reports
   * `present` — the fraction of frames in which anything is drawn in its lane.
 
 `calibrate` runs the judge on other world clips (other seeds) of the held-out identities that the ablation scores
-(the ceiling: accuracy should be ~1, confusion ~0). The weights ship as `models/judge.safetensors`, built by
+(the judge's own ceiling: accuracy should be ~1, confusion ~0); with a `vae` it judges those clips after an encode
+and decode (`through_vae`): the most a perfect DiT could score with that VAE. The weights ship as `models/judge.safetensors`, built by
 `train_judge` in the toy recipe."""
 
 import json
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..safetensors_io import read_safetensors, write_safetensors
+from ..vae import decode_latents, encode_video
 from .world import BACKGROUND, COLOURS, FRAMES, PATTERNS, SHAPES, SIZE, SUBJECT_SIZES, Subject, all_subjects, \
     render_clip, sample_case
 
@@ -266,10 +268,20 @@ def save_judge(net: JudgeNet, path: str | Path) -> Path:
     return Path(path)
 
 
-def calibrate(judge: WorldJudge, clips: int = 96, seed: int = 1) -> dict:
+@torch.no_grad()
+def through_vae(vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """A clip `[F, H, W, 3]` in [0, 1] encoded and decoded by `vae` (the best a DiT that predicts perfect latents
+    could give back)."""
+    latents = encode_video(vae, video.permute(3, 0, 1, 2)[None] * 2 - 1)
+    return decode_latents(vae, latents)[0].permute(1, 2, 3, 0).add(1).div(2).to(video)
+
+
+def calibrate(judge: WorldJudge, clips: int = 96, seed: int = 1, vae: nn.Module | None = None) -> dict:
     """The judge on the world's own clips of held-out identities: per-lane accuracy and confusion (the ceiling
-    every generated video is measured against)."""
+    every generated video is measured against); with `vae`, on those clips after `through_vae`."""
     videos, cases = render_world_clips(clips, seed + 10_000, pool=all_subjects()[1])
+    if vae is not None:
+        videos = [through_vae(vae, video) for video in videos]
     verdicts = [judge(video, subjects) for video, subjects in zip(videos, cases)]
     lanes = [s for v in verdicts for s in v.subjects]
     return {"clips": clips, "lanes": len(lanes), "accuracy": float(np.mean([s.accuracy for s in lanes])),
