@@ -2,7 +2,6 @@
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import RefAlignInputError
+from .files import write_atomic
 from .paths import inside
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -51,8 +51,7 @@ def _shard_files(path: Path, what: str) -> list[Path]:
     return [path]
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load all tensors (CPU, stored dtype) and the header metadata of one file or a sharded set."""
+def _read(path: str | os.PathLike, what: str, take) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict = {}
     for file in _shard_files(Path(path), what):
@@ -63,7 +62,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> tuple
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 metadata.update(f.metadata() or {})
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                    tensors[key] = take(f, key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise RefAlignInputError(
                 f"{what}: {file} is not a readable safetensors file (truncated or corrupt?): {e}"
@@ -71,18 +70,27 @@ def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> tuple
     return tensors, metadata
 
 
+def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load all tensors (CPU, stored dtype) and the header metadata of one file or a sharded set."""
+    return _read(path, what, lambda f, key: f.get_tensor(key))
+
+
+def read_safetensors_shapes(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
+    """Like `read_safetensors`, but every tensor is an empty meta tensor of its stored shape: the header only, no
+    weights read (checks before expensive work)."""
+    return _read(path, what, lambda f, key: torch.empty(f.get_slice(key).get_shape(), device="meta"))
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write atomically: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    """Write atomically (`files.write_atomic`): a crash or a full disk never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a weight file is as readable as any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # the file system failed (a full disk): report it as one
+            raise OSError(f"{path}: cannot be written: {e}") from e
+
+    write_atomic(path, write)

@@ -44,6 +44,7 @@ from refalign_core.toy.tiny import tiny_text_encoder, word_tokenizer
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy.world import FPS, make_toy_world, vocabulary
 from refalign_core.training import parse_config, train
+from refalign_core.training.checkpoints import complete_checkpoints
 from refalign_core.training.data import SkipCounter, load_video_clip
 from refalign_core.training.datasets import read_jsonl
 from refalign_core.vae import load_vae, save_vae
@@ -240,7 +241,7 @@ def train_variants(variants: dict, recipe: dict, manifest: Path, bundle: Path, w
     for name, variant in variants.items():
         folder = out / name
         train(dit_config(recipe, manifest, bundle, work, variant, name), work / name,
-              resume=(work / name / "checkpoints").is_dir())
+              resume=bool(complete_checkpoints(work / name / "checkpoints")))
         with (work / name / "log.csv").open() as log:
             times[f"{name}_steps_s"] = sum(float(row["seconds"]) for row in csv.DictReader(log))
         if folder != bundle:  # every bundle is whole on its own (a bundle names no file outside itself)

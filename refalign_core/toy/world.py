@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..files import write_atomic
 from ..video_io import write_video
 
 SHAPES = ("disc", "square", "triangle", "diamond", "star", "cross", "hexagon")
@@ -215,9 +216,7 @@ def make_toy_world(folder: str | os.PathLike, num_videos: int = 64, split: str =
             refs.append({"image": f"refs/{v:05d}_{k}.png", "mask": f"refs/{v:05d}_{k}_mask.png",
                          "subject": track.subject.id})
         lines.append(json.dumps({"video": f"videos/{v:05d}.mp4", "caption": caption(tracks), "references": refs}))
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
+    return write_atomic(folder / "manifest.jsonl", "\n".join(lines) + "\n")  # written last: marks the world done
 
 
 def vocabulary() -> list[str]:

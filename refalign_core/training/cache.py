@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import RefAlignInputError
+from ..files import is_temp, remove_stale_temps, write_atomic
 from ..references import encode_references, fit_on_white
 from ..safetensors_io import read_safetensors, write_safetensors
 from ..text_encoder import encode_prompts
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
 FINGERPRINT_FILE = "fingerprint.json"
 INDEX_FILE = "index.json"
+SAMPLE_SUFFIX, SKIP_SUFFIX = ".safetensors", ".skip.json"
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,11 @@ def check_fingerprint(cache_dir: Path, fingerprint: dict) -> None:
                 f"data.cache_dir {cache_dir} was built with other {', '.join(differs)} than this run's; point "
                 "data.cache_dir to another folder or delete this one")
         return
+    remove_stale_temps(cache_dir)  # a fingerprint whose writer was killed before its rename
     if cache_dir.exists() and any(cache_dir.iterdir()):
         raise RefAlignInputError(f"data.cache_dir {cache_dir} is not empty and holds no feature cache")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(fingerprint, indent=1))
 
 
 def estimate_sample_bytes(settings: CacheSettings, references: float, text_dim: int, vfm_dim: int,
@@ -142,23 +143,29 @@ def _key_seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + int(key[:12], 16)) % (2**63)
 
 
-@torch.no_grad()
-def encode_clip(entry: ClipEntry, key: str, settings: CacheSettings, encoders, augment) -> tuple[dict, dict]:
-    """One clip -> (tensors, metadata) of its sample file."""
-    generator = torch.Generator().manual_seed(_key_seed(settings.seed, key))
-    info = probe_video(entry.video)
+def clip_bucket(entry: ClipEntry, info, fps: float | None, sizes, frame_counts) -> tuple[tuple[int, int, int], dict]:
+    """The bucket (width, height, frames) a clip goes to, and the facts it was chosen from (size after the crop,
+    frames available at `fps`); raises what makes the cache skip the clip. `prepare` applies the same rule."""
     width, height = info.width, info.height
     if entry.crop is not None:
         x0, y0, x1, y1 = entry.crop
         width, height = min(x1, info.width) - max(0, x0), min(y1, info.height) - max(0, y0)
         if width < 2 or height < 2:
             raise RefAlignInputError(f"crop {entry.crop} leaves nothing of the {info.width}x{info.height} video")
-    available = frames_at(settings.fps, info, entry.frame_range)
-    bucket = assign_bucket(width, height, available, settings.sizes, settings.frames)
+    available = frames_at(fps, info, entry.frame_range)
+    bucket = assign_bucket(width, height, available, sizes, frame_counts)
     if bucket is None:
-        raise RefAlignInputError(f"{available} frames at {settings.fps or info.fps:g} fps, fewer than the shortest "
-                                 f"frame bucket ({min(settings.frames)})")
-    w, h, frames = bucket
+        raise RefAlignInputError(f"{available} frames at {fps or info.fps:g} fps, fewer than the shortest frame "
+                                 f"bucket ({min(frame_counts)})")
+    return bucket, {"width": width, "height": height, "available": available}
+
+
+@torch.no_grad()
+def encode_clip(entry: ClipEntry, key: str, settings: CacheSettings, encoders, augment) -> tuple[dict, dict]:
+    """One clip -> (tensors, metadata) of its sample file."""
+    generator = torch.Generator().manual_seed(_key_seed(settings.seed, key))
+    info = probe_video(entry.video)
+    w, h, frames = clip_bucket(entry, info, settings.fps, settings.sizes, settings.frames)[0]
     clip = load_video_clip(entry.video, frames, settings.fps, h, w, generator, entry.frame_range, entry.crop, info)
     copies = torch.stack([augment(reference_images(entry, w, h, a), generator)
                           for a in range(settings.augment_copies)])  # [A, K, 3, H, W]
@@ -200,10 +207,10 @@ def build_cache(entries: list[ClipEntry], cache_dir: str | os.PathLike, settings
         except (OSError, ValueError, RuntimeError) as e:  # missing / corrupt files, clips too short, bad masks
             reason = f"{type(e).__name__}: {e}"
             logger.warning("skipping %s: %s", entry.source, reason)
-            (samples / f"{key}.skip.json").write_text(json.dumps({"source": entry.source, "reason": reason}))
+            write_atomic(samples / f"{key}{SKIP_SUFFIX}", json.dumps({"source": entry.source, "reason": reason}))
             record = {"key": key, "skip": reason, "source": entry.source}
         else:
-            write_safetensors(tensors, samples / f"{key}.safetensors", {k: str(v) for k, v in metadata.items()})
+            write_safetensors(tensors, samples / f"{key}{SAMPLE_SUFFIX}", {k: str(v) for k, v in metadata.items()})
             record = {"key": key, **metadata}
             built += 1
         with records.open("a") as f:
@@ -211,9 +218,29 @@ def build_cache(entries: list[ClipEntry], cache_dir: str | os.PathLike, settings
     return built
 
 
+def read_skip(path: Path) -> dict | None:
+    """A clip's skip marker, or None when it is missing or unreadable (the clip is then tried again)."""
+    try:
+        skip = json.loads(path.read_text())
+        return skip if isinstance(skip, dict) and isinstance(skip.get("reason"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def finished_keys(samples: Path) -> set[str]:
+    """Keys of the clips the cache holds a finished sample or a readable skip marker for (temp files of killed
+    writers and unreadable markers do not count)."""
+    done = set()
+    for path in samples.iterdir() if samples.is_dir() else ():
+        if path.name.endswith(SAMPLE_SUFFIX) and not is_temp(path.name):
+            done.add(path.name[:-len(SAMPLE_SUFFIX)])
+        elif path.name.endswith(SKIP_SUFFIX) and not is_temp(path.name) and read_skip(path) is not None:
+            done.add(path.name[:-len(SKIP_SUFFIX)])
+    return done
+
+
 def missing_entries(entries: list[ClipEntry], cache_dir: Path) -> list[tuple[ClipEntry, str]]:
-    samples = cache_dir / "samples"
-    done = {p.name.split(".")[0] for p in samples.iterdir()} if samples.is_dir() else set()
+    done = finished_keys(cache_dir / "samples")
     unique = {}
     for entry in entries:
         unique.setdefault(entry_key(entry), entry)
@@ -243,12 +270,11 @@ def write_index(entries: list[ClipEntry], cache_dir: str | os.PathLike) -> dict:
             continue
         seen.add(key)
         record = records.get(key)
-        if record is None and (cache_dir / "samples" / f"{key}.safetensors").is_file():  # killed before its record
-            _, metadata = read_safetensors(cache_dir / "samples" / f"{key}.safetensors", "feature cache")
+        if record is None and (cache_dir / "samples" / f"{key}{SAMPLE_SUFFIX}").is_file():  # killed before its record
+            _, metadata = read_safetensors(cache_dir / "samples" / f"{key}{SAMPLE_SUFFIX}", "feature cache")
             record = {"key": key, **{k: metadata[k] if k == "source" else int(metadata[k])
                                      for k in ("width", "height", "frames", "references", "source")}}
-        elif record is None and (cache_dir / "samples" / f"{key}.skip.json").is_file():
-            skip = json.loads((cache_dir / "samples" / f"{key}.skip.json").read_text())
+        elif record is None and (skip := read_skip(cache_dir / "samples" / f"{key}{SKIP_SUFFIX}")) is not None:
             record = {"key": key, "skip": skip["reason"]}
         if record is None:
             raise RefAlignInputError(f"feature cache {cache_dir}: {entry.source} was never encoded (the build did "
@@ -264,9 +290,9 @@ def write_index(entries: list[ClipEntry], cache_dir: str | os.PathLike) -> dict:
                                  f"{[reason for _, reason in skipped.entries[:5]]})")
     index = {"version": CACHE_VERSION, "samples": samples, "skipped": skipped.total,
              "skipped_reasons": skipped.reasons, "skipped_examples": skipped.entries[:50]}
-    tmp = cache_dir / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, cache_dir / INDEX_FILE)
+    write_atomic(cache_dir / INDEX_FILE, json.dumps(index, indent=1))
+    for folder in (cache_dir, cache_dir / "samples"):  # what killed writers left
+        remove_stale_temps(folder)
     logger.info("feature cache %s: %d clips (%d skipped)", cache_dir, len(samples), skipped.total)
     return index
 
@@ -300,7 +326,8 @@ class FeatureCache(torch.utils.data.Dataset):
         return [s["repeats"] for s in self.samples]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return read_safetensors(self.dir / "samples" / f"{self.samples[index]['key']}.safetensors", "feature cache")[0]
+        return read_safetensors(self.dir / "samples" / f"{self.samples[index]['key']}{SAMPLE_SUFFIX}",
+                                "feature cache")[0]
 
     @property
     def vfm_dim(self) -> int:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,28 +36,42 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def unreadable(folder: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (unreadable state, a truncated weight file), or None."""
+    """Why a checkpoint cannot be resumed from (unreadable state, a truncated or empty file), or None. torch's
+    `.bin` files are zip archives: every member's CRC is checked, so a cut file is found here, not mid-load."""
+    file = folder / STATE_FILE
     try:
-        json.loads((folder / STATE_FILE).read_text())["step"]
-        for file in folder.rglob("*.safetensors"):
+        json.loads(file.read_text())["step"]
+        for file in sorted(folder.rglob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:  # checks the header against the file's length
                 f.keys()
-        for file in folder.rglob("*.bin"):
+        for file in sorted(folder.rglob("*.bin")):
+            with zipfile.ZipFile(file) as archive:
+                if archive.testzip() is not None:
+                    return f"{file.name} is corrupt"
+        for file in sorted(folder.rglob("*.pkl")):
             if file.stat().st_size == 0:
                 return f"{file.name} is empty"
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        return str(e)
+    except (OSError, ValueError, KeyError, SafetensorError, zipfile.BadZipFile, EOFError) as e:
+        return f"{file.name}: {e}"
     return None
 
 
 def newest_checkpoint(output_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint in `output_dir/checkpoints` that can be resumed from, with its training state (older
-    ones are tried when the newest is unreadable, with a warning); None when there is none."""
-    for folder in reversed(complete_checkpoints(Path(output_dir) / "checkpoints")):
+    ones are tried when the newest is unreadable, with a warning); None when there is no checkpoint. Raises
+    RefAlignInputError naming each checkpoint and its fault when there are checkpoints but none is readable: a
+    resume never silently starts over."""
+    found = complete_checkpoints(Path(output_dir) / "checkpoints")
+    faults = []
+    for folder in reversed(found):
         why = unreadable(folder)
         if why is None:
             return folder, json.loads((folder / STATE_FILE).read_text())
         logger.warning("checkpoint %s cannot be resumed from (%s); trying the one before", folder, why)
+        faults.append(f"{folder.name}: {why}")
+    if faults:
+        raise RefAlignInputError(f"--resume: no checkpoint in {Path(output_dir) / 'checkpoints'} can be read "
+                                 f"({'; '.join(faults)}); restore one, or start a new output folder")
     return None
 
 
@@ -170,5 +185,8 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: Path) -> None:
-        self.accelerator.load_state(str(folder))
+        try:
+            self.accelerator.load_state(str(folder))
+        except (OSError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+            raise RefAlignInputError(f"--resume: checkpoint {folder} cannot be loaded: {e}") from e
         logger.info("resumed from %s", folder)

@@ -7,6 +7,7 @@ read it) or `lora.safetensors` (ComfyUI LoraLoader keys) in LoRA mode; `projecto
 
 import csv
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -19,10 +20,13 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from ..checkpoint import CONFIG_METADATA_KEY, apply_layerwise_casting, diffusers_to_original_key, load_dit
+from ..checkpoint import CONFIG_METADATA_KEY, apply_layerwise_casting, diffusers_to_original_key, load_dit, \
+    validated_original
 from ..errors import RefAlignInputError
 from ..paths import check_output_folder
-from ..safetensors_io import read_safetensors, write_safetensors
+from ..files import OutputLock
+from ..safetensors_io import read_safetensors, read_safetensors_shapes, write_safetensors
+from ..transformer_refalign import RefAlignTransformer3DModel
 from ..text_encoder import TextEncoder, load_text_encoder
 from ..vae import load_vae
 from ..vfm import load_vfm
@@ -150,9 +154,7 @@ def build_module(config: TrainingConfig, vfm_dim: int, vfm=None) -> RefAlignTrai
     projectors = None
     if config.alignment.enabled:
         a = config.alignment
-        blocks = a.blocks or default_aligned_blocks(dit.config.num_layers)
-        if max(blocks) >= dit.config.num_layers:
-            raise RefAlignInputError(f"alignment.blocks {blocks}: the DiT has {dit.config.num_layers} blocks")
+        blocks = a.blocks or default_aligned_blocks(dit.config.num_layers)  # checked by `check_model`
         projectors = AlignmentProjectors(dit.config.num_attention_heads * dit.config.attention_head_dim, vfm_dim,
                                          blocks)
         if a.init_projectors:  # stage 2 starts from the stage-1 projectors
@@ -343,35 +345,83 @@ def check_inputs(config: TrainingConfig, output_dir: Path) -> None:
             value = getattr(source, key)
             if value is not None and not Path(value).exists():
                 raise RefAlignInputError(f"data.datasets[{i}].{key}: {value} does not exist")
+    needed = ["matplotlib"] + (["peft"] if config.train.mode == "lora" else [])  # imported late: checked first
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RefAlignInputError(f"training needs the train extra ({', '.join(missing)} not installed): "
+                                 "pip install 'refalign[train]'")
     check_output_folder(output_dir, "--output-dir")
     if config.data.cache_dir is not None:
         check_output_folder(Path(config.data.cache_dir), "data.cache_dir")
 
 
-def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: bool = False) -> TrainingResult:
-    """Train (or, with `resume`, continue from the newest readable checkpoint in `output_dir`)."""
-    from diffusers.training_utils import EMAModel
-    from tqdm import tqdm
+def check_model(config: TrainingConfig, vfm_dim: int | None) -> None:
+    """The DiT's architecture against the config (`model.dit_config`, `alignment.blocks`, `alignment.
+    init_projectors`), from the files' headers: before the feature cache is built. `vfm_dim`: the VFM's width
+    (needed only with init_projectors)."""
+    m, a = config.model, config.alignment
+    if m.dit == "tiny":
+        from ..toy.tiny import TINY_DIT
+        try:
+            with torch.device("meta"):
+                dit_config = dict(RefAlignTransformer3DModel(**{**TINY_DIT, **(m.dit_config or {})}).config)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise RefAlignInputError(f"model.dit_config {m.dit_config}: not a valid tiny DiT config: {e}") from e
+    else:
+        dit_config = validated_original(*read_safetensors_shapes(m.dit, "model.dit"), path=f"model.dit {m.dit}")[1]
+    if not a.enabled:
+        return
+    layers = dit_config["num_layers"]
+    blocks = a.blocks or default_aligned_blocks(layers)
+    if max(blocks) >= layers:
+        raise RefAlignInputError(f"alignment.blocks {blocks}: the DiT has {layers} blocks (0–{layers - 1})")
+    if a.init_projectors:
+        with torch.device("meta"):
+            width = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
+            expected = AlignmentProjectors(width, vfm_dim, blocks).state_dict()
+        stored, _ = read_safetensors_shapes(a.init_projectors, "alignment.init_projectors")
+        differs = sorted(k for k in expected.keys() | stored.keys()
+                         if k not in expected or k not in stored or expected[k].shape != stored[k].shape)
+        if differs:
+            raise RefAlignInputError(f"alignment.init_projectors {a.init_projectors} does not fit this DiT, VFM "
+                                     f"({vfm_dim} wide) and blocks {blocks}: {differs[:5]} differ")
 
+
+def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: bool = False) -> TrainingResult:
+    """Train (or, with `resume`, continue from the newest readable checkpoint in `output_dir`). Every check runs
+    first; the output folder is locked against a second run for the whole run."""
     config = config.validated()
     output_dir = Path(output_dir)
     check_inputs(config, output_dir)
-    t = config.train
     prompts = read_sample_prompts(config.previews.prompts, config.previews.shift or config.shift) \
         if config.previews.prompts else None
-    resume_from = newest_checkpoint(output_dir) if resume else None
-    if resume_from is not None:
-        _check_resume(resume_from[1], config)
-    elif not resume and complete_checkpoints(output_dir / "checkpoints"):
-        raise RefAlignInputError(f"{output_dir} already holds checkpoints: pass --resume to continue, or use "
-                                 "another output folder")
     output_dir.mkdir(parents=True, exist_ok=True)
+    # a lock per process rank: the processes of one launch do not block each other, a second launch is refused
+    with OutputLock(output_dir, "--output-dir", folder=True, name=f".lock-rank{os.environ.get('RANK', '0')}"):
+        resume_from = newest_checkpoint(output_dir) if resume else None
+        if resume_from is not None:
+            _check_resume(resume_from[1], config)
+        elif not resume and complete_checkpoints(output_dir / "checkpoints"):
+            raise RefAlignInputError(f"{output_dir} already holds checkpoints: pass --resume to continue, or use "
+                                     "another output folder")
+        elif resume:
+            logger.warning("--resume: %s holds no checkpoint yet; starting at step 0", output_dir)
+        return _train(config, output_dir, resume_from, prompts, cache_only)
+
+
+def _train(config: TrainingConfig, output_dir: Path, resume_from: tuple[Path, dict] | None, prompts,
+           cache_only: bool) -> TrainingResult:
+    from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
+
+    t = config.train
     accelerator = _make_accelerator(config)
     main = accelerator.is_main_process
     if main:
         logger.info("training: %s on %d processes, device %s", accelerator.distributed_type.value,
                     accelerator.num_processes, accelerator.device)
     encoders = Encoders(config, accelerator.device)
+    check_model(config, encoders.vfm.dim if config.alignment.enabled and config.alignment.init_projectors else None)
 
     cache = prepare_cache(config, output_dir, accelerator, encoders)
     if cache_only:
@@ -393,8 +443,6 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         start = saved["step"]
         if saved["config"]["train"]["lr"] != t.lr:
             _set_learning_rate(optimizer, scheduler, t.lr)
-    elif resume:
-        logger.info("--resume: no checkpoint in %s yet; starting at step 0", output_dir)
 
     previews = None
     if prompts is not None:

@@ -12,10 +12,9 @@ from PIL import Image, ImageDraw
 
 from ..errors import RefAlignInputError, run_command
 from ..paths import check_output_folder
-from ..references import fit_on_white
-from .buckets import assign_bucket
+from .cache import clip_bucket, reference_images
 from .config import load_training_config
-from .data import SkipCounter, frames_at, probe_video, read_video_frame
+from .data import SkipCounter, probe_video, read_video_frame
 from .datasets import read_datasets
 
 logger = logging.getLogger(__name__)
@@ -31,27 +30,21 @@ def _thumbnail(image: Image.Image, size: int = THUMB) -> Image.Image:
 
 
 def check_clip(entry, settings) -> tuple[dict, list[Image.Image]]:
-    """Probe the video, pick its bucket and load every reference's first view; raises on what caching would skip.
-    Returns (facts, [frame thumbnail, reference thumbnails...])."""
+    """Probe the video, pick its bucket and load every reference view the cache's augmented copies use; raises on
+    what caching would skip (`cache.clip_bucket`, `cache.reference_images`). Returns (facts, [frame thumbnail,
+    reference thumbnails...])."""
     info = probe_video(entry.video)
-    width, height = info.width, info.height
-    if entry.crop is not None:
-        x0, y0, x1, y1 = entry.crop
-        width, height = min(x1, info.width) - max(0, x0), min(y1, info.height) - max(0, y0)
-    available = frames_at(settings.fps, info, entry.frame_range)
-    bucket = assign_bucket(width, height, available, settings.buckets.sizes, settings.buckets.frames)
-    if bucket is None:
-        raise RefAlignInputError(f"{available} frames at {settings.fps or info.fps:g} fps, fewer than the shortest "
-                                 f"frame bucket ({min(settings.buckets.frames)})")
+    bucket, size = clip_bucket(entry, info, settings.fps, settings.buckets.sizes, settings.buckets.frames)
     w, h, _ = bucket
     thumbs = [_thumbnail(Image.fromarray(read_video_frame(entry.video, (entry.frame_range or (0,))[0])))]
-    for ref in entry.references:
-        image, mask = ref.view(0).load()
-        fitted = fit_on_white(image.convert("RGB") if ref.scene else image, w, h,
-                              mask=None if ref.scene else mask, name=str(ref.view(0)))
-        thumbs.append(_thumbnail(Image.fromarray((fitted.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))))
-    facts = {"video": str(entry.video), "resolution": f"{width}x{height}", "fps": round(info.fps, 3),
-             "frames_at_fps": available, "bucket": list(bucket), "references": len(entry.references),
+    copies = min(settings.augment_copies, max(len(r.views) for r in entry.references)) if entry.references else 0
+    for copy in range(copies):  # copy a uses view a mod n of each reference: every view is loaded once
+        fitted = reference_images(entry, w, h, copy)
+        if copy == 0:
+            thumbs += [_thumbnail(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")))
+                       for image in fitted]
+    facts = {"video": str(entry.video), "resolution": f"{size['width']}x{size['height']}", "fps": round(info.fps, 3),
+             "frames_at_fps": size["available"], "bucket": list(bucket), "references": len(entry.references),
              "subjects": [r.subject for r in entry.references]}
     return facts, thumbs
 
