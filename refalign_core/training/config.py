@@ -2,14 +2,16 @@
 480×832, 81 frames at 25 fps, AdamW lr 5e-5, batch 1, blocks 0..8, λ = 1, margins 0 / 1, shift 5, CFG dropout
 10 % / 10 % / 10 %, bf16, gradient checkpointing).
 
-A YAML file overrides any subset. Unknown keys, wrong types and out-of-range values are refused with the key path,
-before anything is loaded; `TrainingConfig.validated()` runs the same checks on a config built in Python."""
+A YAML file overrides any subset. Unknown keys, keys given twice, wrong types and out-of-range values are refused
+with the key path, before anything is loaded; `TrainingConfig.validated()` runs the same checks on a config built in
+Python."""
 
 import dataclasses
 import json
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -282,6 +284,48 @@ def parse_config(values: dict, source: str = "config") -> TrainingConfig:
     return _parse(TrainingConfig, values, source, "")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives one key twice, at the marks `first` and `again`."""
+
+    def __init__(self, key, first: yaml.Mark, again: yaml.Mark):
+        lines = f"line {first.line + 1}" if first.line == again.line else \
+            f"lines {first.line + 1} and {again.line + 1}"
+        super().__init__(f"key {key!r} is given twice (on {lines}); YAML would keep only the last one: merge them")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (plain YAML keeps the last silently); keys
+    that a merge (`<<: *anchor`) brings in may still be overridden."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.checked_nodes: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self.checked_nodes:  # once per node, before merges are flattened into it
+            self.checked_nodes.add(id(node))
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):  # the constructor refuses it
+                    continue
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+        super().flatten_mapping(node)
+
+
+def _yaml(text_or_file, source: str):
+    try:
+        return yaml.load(text_or_file, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise RefAlignInputError(f"{source}: {e}") from e
+    except yaml.YAMLError as e:
+        raise RefAlignInputError(f"{source}: not valid YAML: {e}") from e
+
+
 def _set(values: dict, dotted: str, raw: str, source: str) -> None:
     keys = dotted.split(".")
     node = values
@@ -289,7 +333,7 @@ def _set(values: dict, dotted: str, raw: str, source: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise RefAlignInputError(f"{source}: {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = _yaml(raw, source)
 
 
 def load_training_config(path: str | Path | None = None, overrides=()) -> TrainingConfig:
@@ -302,10 +346,8 @@ def load_training_config(path: str | Path | None = None, overrides=()) -> Traini
         source = f"config {path}"
         if not path.is_file():
             raise RefAlignInputError(f"{source}: the file does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RefAlignInputError(f"{source}: not valid YAML: {e}") from e
+        with path.open("rb") as f:  # YAML reads the bytes as UTF-8 (or UTF-16/32 by BOM), whatever the locale
+            values = _yaml(f, source) or {}
         if not isinstance(values, dict):
             raise RefAlignInputError(f"{source}: expected key: value pairs at the top level, got {_describe(values)}")
     for item in overrides:

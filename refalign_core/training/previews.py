@@ -2,8 +2,8 @@
 every `previews.every` steps, save each video and its Identity Check contact sheet, and log the per-subject
 identity score, so a creator sees identity improve as the loss falls.
 
-Sample-prompts file: one preview per line, the prompt followed by options; `#` starts a comment line; paths are
-relative to the file:
+Sample-prompts file (UTF-8): one preview per line, the prompt followed by options; `#` starts a comment line; paths
+are relative to the file:
 
     a red disc moves right --ref refs/disc.png --ref refs/square.png --w 64 --h 64 --f 17 --s 25 --d 0
 
@@ -29,6 +29,7 @@ from ..sampler import SamplingSettings, sample_r2v
 from ..text_encoder import encode_prompts
 from ..video_io import load_image, write_video
 from .checkpoints import drop_rows_after
+from .datasets import read_text
 
 logger = logging.getLogger(__name__)
 SCORE_COLUMNS = ["step", "prompt", "subject", "identity"]  # previews/identity.csv
@@ -80,7 +81,7 @@ def read_sample_prompts(path: str | Path, shift: float) -> list[SamplePrompt]:
     if not path.is_file():
         raise RefAlignInputError(f"previews.prompts: {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "previews.prompts").split("\n"), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"previews.prompts {path}:{number}"
