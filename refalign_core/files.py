@@ -5,8 +5,9 @@ the same folder (`.<name>.<pid>-<random>.tmp`: hidden, unique per process, never
 disk, and the temp is renamed over the final name; the folder entry is flushed too. A kill or a full disk leaves at
 most a temp file, which `is_temp` recognises and `remove_stale_temps` deletes once no writer can own it.
 
-`OutputLock` is an exclusive lock (an OS file lock on `<folder>/.lock` or `<file>.lock`): a second writer gets one
-clear error, and a killed writer's lock goes with its process, so nothing needs deleting by hand."""
+`OutputLock` is an exclusive lock (an OS file lock on `<folder>/.lock` or `.<file>.lock`): a second writer gets one
+clear error, a finished writer removes its lock file, and a killed writer's lock goes with its process, so nothing
+needs deleting by hand."""
 
 import os
 import secrets
@@ -92,15 +93,19 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
-        try:
-            _lock(self.file)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise RefAlignInputError(f"{self.what}: {self.target} is being written by {holder}; wait for it to "
-                                     "finish or choose another output") from None
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                _lock(self.file)
+            except OSError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise RefAlignInputError(f"{self.what}: {self.target} is being written by {holder}; wait for it to "
+                                         "finish or choose another output") from None
+            if _same_file(self.file, self.path):
+                break
+            self.file.close()  # its holder removed that lock file as it finished: lock the current one
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"process {os.getpid()}")
@@ -108,7 +113,18 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()  # closing releases the lock; the lock file stays (removing it would race a new writer)
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a writer waiting on this file re-checks the path
+        except OSError:  # Windows cannot remove an open file; the lock file stays, unlocked
+            pass
+        self.file.close()
+
+
+def _same_file(file, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _lock(file) -> None:

@@ -3,6 +3,7 @@ inside that file's folder; an absolute path is the user's own choice, and a rela
 refused."""
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import RefAlignInputError
@@ -22,10 +23,15 @@ def inside(folder: Path, relative, what: str) -> Path:
 
 def check_output_folder(folder: Path, what: str) -> None:
     """Refuse, before any work, an output folder that cannot be created or written (a file in its place, a
-    read-only parent)."""
+    read-only parent, a file system that refuses new folders); a temp folder is made and removed in the deepest part
+    of it that exists."""
     folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # "/" at the latest
+    if not existing.is_dir():
         raise RefAlignInputError(f"{what}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise RefAlignInputError(f"{what}: {existing} is not writable")
+    try:  # proof, leaving nothing behind: /proc/x passes the permission checks and fails only here
+        os.rmdir(tempfile.mkdtemp(prefix=".refalign-probe-", dir=existing))
+    except OSError as e:
+        raise RefAlignInputError(f"{what}: {folder} cannot be created or written ({e.strerror})") from None
