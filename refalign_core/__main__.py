@@ -1,8 +1,11 @@
 """Command line: `python -m refalign_core {generate,encode-prompt,encode-references,demo} ...`."""
 
 import argparse
-import math
+import contextlib
+import io
+import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -11,17 +14,20 @@ from tqdm import tqdm
 
 from .acceleration import ATTENTION_BACKENDS
 from .caching import CACHES
+from .checkpoint import read_dit_header
 from .errors import RefAlignInputError, run_command
+from .files import OutputLock, write_atomic
 from .lora import LoraSpec
-from .bundles import read_bundle
+from .bundles import DEFAULT_FPS, Bundle, read_bundle
 from .paths import check_output_folder
-from .pipeline import RefAlignPipeline
+from .pipeline import RefAlignPipeline, check_memory, memory_estimate
 from .references import MAX_REFERENCES, Reference, encode_references, prepare_references
 from .safetensors_io import read_safetensors, write_safetensors
-from .sampler import SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_reference_latents
-from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
+from .sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
+                      check_text_embeddings)
+from .text_encoder import WAN_NEGATIVE_PROMPT, check_prompt_text, encode_prompts, load_text_encoder
 from .vae import load_vae
-from .video_io import VIDEO_SUFFIXES, load_image, write_video
+from .video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
 
@@ -38,15 +44,11 @@ def _preview_callback(pipe: RefAlignPipeline, path: str):
     from .previews import LatentPreview
     if pipe.vae is None:
         raise RefAlignInputError("--preview needs a VAE (--vae or a bundle with one)")
-    target = Path(path)
 
     def write(step, steps, image):
-        tmp = target.with_name(target.name + ".tmp.png")
-        try:
-            image.save(tmp)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        write_atomic(path, png.getvalue())
 
     return LatentPreview(VAECodec(pipe.vae), write)
 
@@ -79,10 +81,45 @@ def _check_input_file(path: str | None, option: str) -> None:
         raise RefAlignInputError(f"{option} {path} does not exist")
 
 
-def _load_pipeline(args) -> RefAlignPipeline:
+def _files(path, option: str) -> list[tuple[Path, str]]:
+    """An input file, or every file in an input folder, with its option."""
+    if path is None:
+        return []
+    path = Path(path)
+    return [(f, option) for f in path.rglob("*") if f.is_file()] if path.is_dir() else [(path, option)]
+
+
+def _check_outputs_spare_inputs(outputs: list[tuple[str | None, str]], inputs: list[tuple[Path, str]]) -> None:
+    """An output that is (the same file as) an input would overwrite the user's file: refused."""
+    for out, out_option in outputs:
+        if out is None or not Path(out).exists():
+            continue
+        for given, option in inputs:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(out, given):
+                    raise RefAlignInputError(f"{out_option} {out} is the {option} input {given}: an output must not "
+                                             "overwrite an input")
+
+
+def _hold(stack: contextlib.ExitStack, outputs: list[tuple[str | None, str]]) -> None:
+    """Lock every output for this run (`files.OutputLock`): a second run writing one of them is refused now, not
+    after its sampling."""
+    for path, option in outputs:
+        if path is not None:
+            stack.enter_context(OutputLock(path, option))
+
+
+def _fps(text: str) -> Fraction:
+    """--fps exactly as given: a decimal (23.976) or a ratio (24000/1001)."""
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or a ratio like 24000/1001: {text!r}") from None
+
+
+def _load_pipeline(args, loras: tuple[LoraSpec, ...]) -> RefAlignPipeline:
     kwargs = dict(compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
-                  device=args.device, vae_tiling=args.vae_tiling,
-                  loras=tuple(LoraSpec.parse(text) for text in args.lora or ()),
+                  device=args.device, vae_tiling=args.vae_tiling, loras=loras,
                   attention_backend=args.attention_backend, compile=args.compile)
     if args.bundle:
         return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
@@ -125,7 +162,7 @@ def _tensors(path: str, option: str, key: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _settings(args) -> SamplingSettings:
+def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     """The bundle's (or the official) defaults with the command line's changes, validated before any model loads."""
     options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
                                              "sampler", "seed", "uncond_references", "guidance_steps", "cache",
@@ -134,26 +171,59 @@ def _settings(args) -> SamplingSettings:
         options["text_kv_cache"] = True
     if args.frames is not None:
         options["num_frames"] = args.frames
-    base = read_bundle(args.bundle).settings if args.bundle else SamplingSettings()
+    base = bundle.settings if bundle else SamplingSettings()
     return base.replace(source="command line", **options)
+
+
+def _check_run_fits(args, bundle: Bundle | None, settings: SamplingSettings, embeds: dict) -> None:
+    """The given embeddings, the video within the DiT's RoPE positions and the run within free memory, from the DiT
+    file's header alone: found before any weight is read or any tensor of the video's size is made."""
+    dit, vae, text_encoder = (bundle.dit, bundle.vae, bundle.text_encoder) if bundle else \
+        (args.dit, args.vae, args.text_encoder)
+    config, parameters = read_dit_header(dit)
+    check_text_embeddings({"--prompt-embeds prompt_embeds": embeds.get("prompt_embeds"),
+                           "--prompt-embeds negative_prompt_embeds": embeds.get("negative_prompt_embeds")},
+                          config["text_dim"])
+    num_references = embeds["reference_latents"].shape[2] if "reference_latents" in embeds else len(args.ref)
+    check_positions(settings, config, num_references)
+    weight_dtype = DTYPES.get(args.weight_dtype) or DTYPES[args.compute_dtype]
+    others = sum(path.stat().st_size for path, _ in _files(vae, "") + _files(text_encoder, ""))
+    parts = memory_estimate(settings, config, num_references, compute_dtype=DTYPES[args.compute_dtype],
+                            weight_bytes=parameters * torch.finfo(weight_dtype).bits // 8 + others,
+                            decode=bool(args.out), device=args.device)
+    check_memory(settings, parts, num_references, args.device)
 
 
 def cmd_generate(args) -> None:
     # everything that can be wrong with the command is found before a model is loaded
-    settings = _settings(args)
+    bundle = read_bundle(args.bundle) if args.bundle else None
+    settings = _settings(args, bundle)
     _check_device(args.device)
     if not args.bundle and not args.dit:
         raise RefAlignInputError("--dit (or --bundle) is required")
-    for path, option in ((args.dit, "--dit"), (args.vae, "--vae"), (args.text_encoder, "--text-encoder"),
-                         (args.prompt_embeds, "--prompt-embeds"), (args.reference_latents, "--reference-latents")):
+    loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    named = [(args.dit, "--dit"), (args.vae, "--vae"), (args.text_encoder, "--text-encoder"),
+             (args.prompt_embeds, "--prompt-embeds"), (args.reference_latents, "--reference-latents"),
+             *((spec.path, "--lora") for spec in loras), *((path, "--ref") for path in args.ref or ()),
+             *((path, "--mask") for path in args.mask or ())]
+    for path, option in named:
         _check_input_file(path, option)
+    outputs = [(args.out, "--out"), (args.save_latents, "--save-latents"), (args.preview, "--preview")]
     _check_output(args.out, "--out", VIDEO_SUFFIXES)
     _check_output(args.save_latents, "--save-latents", (".safetensors",))
     _check_output(args.preview, "--preview", (".png",))
-    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= 1000):
-        raise RefAlignInputError(f"--fps must be a number in (0, 1000], got {args.fps}")
+    inputs = [file for path, option in named for file in _files(path, option)]
+    if bundle:
+        inputs += _files(bundle.folder, "--bundle")
+    _check_outputs_spare_inputs(outputs, inputs)
+    fps = args.fps if args.fps is not None else bundle.fps if bundle else DEFAULT_FPS
+    if args.out:
+        video_rate(fps, args.out, settings.num_frames, "--fps")
     if not args.out and not args.save_latents:
         raise RefAlignInputError("give --out (a video) and / or --save-latents: nothing would be written")
+    for text, option in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
+        if text is not None:
+            check_prompt_text(text, option)
     embeds = {}
     if args.prompt_embeds:
         tensors = _tensors(args.prompt_embeds, "--prompt-embeds", "prompt_embeds")
@@ -167,54 +237,68 @@ def cmd_generate(args) -> None:
         embeds["reference_latents"] = latents
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
+    _check_run_fits(args, bundle, settings, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
         prepare_references(references, settings.width, settings.height, MAX_REFERENCES)
 
-    pipe = _load_pipeline(args)
-    if args.out and pipe.vae is None:
-        raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
-    preview = _preview_callback(pipe, args.preview) if args.preview else None
-    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
-        progress = _progress_callback(bar)
+    with contextlib.ExitStack() as stack:
+        _hold(stack, outputs)
+        pipe = _load_pipeline(args, loras)
+        if args.out and pipe.vae is None:
+            raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
+        preview = _preview_callback(pipe, args.preview) if args.preview else None
+        with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+            progress = _progress_callback(bar)
 
-        def callback(step, total, latents):
-            progress(step, total, latents)
-            if preview is not None:
-                preview(step, total, latents)
+            def callback(step, total, latents):
+                progress(step, total, latents)
+                if preview is not None:
+                    preview(step, total, latents)
 
-        result = pipe(args.prompt, references or None, negative_prompt=args.negative_prompt, settings=settings,
-                      callback=callback, decode=bool(args.out), **embeds)
-    if args.save_latents:
-        write_safetensors({"latents": result.latents}, args.save_latents)
-        print(f"latents: {args.save_latents}")
-    if args.out:
-        print(f"video: {write_video(result.frames, args.out, fps=args.fps or pipe.fps)}")
+            result = pipe(args.prompt, references or None, negative_prompt=args.negative_prompt, settings=settings,
+                          callback=callback, decode=bool(args.out), **embeds)
+        if args.save_latents:
+            write_safetensors({"latents": result.latents}, args.save_latents)
+            print(f"latents: {args.save_latents}")
+        if args.out:
+            print(f"video: {write_video(result.frames, args.out, fps=fps)}")
 
 
 def cmd_encode_prompt(args) -> None:
     _check_device(args.device)
     _check_output(args.out, "--out", (".safetensors",))
-    text_encoder = load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
-    prompt_embeds, negative = encode_prompts(text_encoder, [args.prompt, args.negative_prompt or ""]).split(1)
-    write_safetensors({"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}, args.out)
+    _check_outputs_spare_inputs([(args.out, "--out")], _files(args.text_encoder, "--text-encoder"))
+    prompts = [check_prompt_text(args.prompt, "--prompt"), check_prompt_text(args.negative_prompt or "",
+                                                                             "--negative-prompt")]
+    with contextlib.ExitStack() as stack:
+        _hold(stack, [(args.out, "--out")])
+        text_encoder = load_text_encoder(args.text_encoder, dtype=DTYPES[args.compute_dtype], device=args.device)
+        prompt_embeds, negative = encode_prompts(text_encoder, prompts).split(1)
+        write_safetensors({"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}, args.out)
     print(f"prompt embeddings: {args.out}")
 
 
 def cmd_encode_references(args) -> None:
     _check_device(args.device)
     _check_output(args.out, "--out", (".safetensors",))
+    named = [(args.vae, "--vae"), *((path, "--ref") for path in args.ref), *((path, "--mask") for path in
+                                                                             args.mask or ())]
+    _check_outputs_spare_inputs([(args.out, "--out")], [f for path, option in named for f in _files(path, option)])
     SamplingSettings(width=args.width, height=args.height)  # checks the size
     references = _references(args, (args.width, args.height))
     fitted = prepare_references(references, args.width, args.height, MAX_REFERENCES)
-    vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
-    latents = encode_references(vae, fitted)
-    write_safetensors({"reference_latents": latents}, args.out)
+    with contextlib.ExitStack() as stack:
+        _hold(stack, [(args.out, "--out")])
+        vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
+        latents = encode_references(vae, fitted)
+        write_safetensors({"reference_latents": latents}, args.out)
     print(f"reference latents {tuple(latents.shape)}: {args.out}")
 
 
 def cmd_demo(args) -> None:
     from .toy.demo import run_demo
+    check_output_folder(Path(args.out), "--out")
     check_output_folder(Path(args.out), "--out")
     SamplingSettings(seed=args.seed)  # checks the seed
     with tqdm(desc="demo sampling", unit="step") as bar:
@@ -255,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-interval", type=int, help="taylorseer: full evaluation every N steps")
     g.add_argument("--text-kv-cache", action="store_true", help="reuse the text keys/values over the steps (exact)")
     g.add_argument("--preview", help="write a preview PNG of the current latents here after every step")
-    g.add_argument("--fps", type=float)
+    g.add_argument("--fps", type=_fps, help="frames per second, a decimal or a ratio (24000/1001); default: the "
+                                            "bundle's, else 16. Each container stores its own range (video_io)")
     g.add_argument("--out", help="video file (.mp4, .webp, .gif)")
     g.add_argument("--save-latents", help="also write the latents to this .safetensors")
     g.set_defaults(func=cmd_generate)

@@ -12,12 +12,13 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from .errors import RefAlignInputError
-from .safetensors_io import read_safetensors, write_safetensors
+from .safetensors_io import read_safetensors, read_safetensors_shapes, write_safetensors
 from .transformer_refalign import RefAlignTransformer3DModel
 
 logger = logging.getLogger(__name__)
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+CONFIG_KEYS = ("head.head.weight", "text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight")
 CONFIG_METADATA_KEY = "refalign.dit_config"
 WAN_HEADS = {1536: 12, 5120: 40}  # released Wan2.1 widths -> heads (head dim 128), for files without our metadata
 TRAINING_ONLY = re.compile(r"^blocks\.\d+\.input_mlp\.")  # official trainer's projectors
@@ -122,6 +123,9 @@ def to_original_naming(state_dict: dict, path="checkpoint", dequantize: bool = T
 def infer_dit_config(shapes: dict[str, tuple], metadata: dict | None = None, path="checkpoint") -> dict:
     """`WanTransformer3DModel` config from original-named tensor shapes (values may be meta tensors or sizes)."""
     shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in shapes.items()}
+    missing = [k for k in CONFIG_KEYS if k not in shapes]
+    if missing:
+        raise RefAlignInputError(f"{path} does not match a Wan2.1 T2V DiT: {len(missing)} missing keys: {missing}")
     dim, in_channels, *patch = shapes["patch_embedding.weight"]
     if in_channels != 16:
         kind = {36: "an I2V / FLF2V", 48: "a Wan2.2 TI2V-5B"}.get(in_channels, f"an in_dim={in_channels}")
@@ -242,6 +246,17 @@ def load_dit(path: str | os.PathLike, *, compute_dtype=torch.float32, weight_dty
     state_dict, metadata = read_safetensors(path, "DiT checkpoint")
     return dit_from_state_dict(state_dict, metadata, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
                                device=device, path=str(path))
+
+
+def read_dit_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(full `RefAlignTransformer3DModel` config, parameter count) of a DiT file from its safetensors header alone,
+    its keys and shapes checked as `load_dit` checks them: what a run needs is known before any weight is read."""
+    shapes, metadata = read_safetensors_shapes(path, "DiT checkpoint")
+    original, config = validated_original(shapes, metadata, str(path), dequantize=False)
+    with torch.device("meta"):
+        model = RefAlignTransformer3DModel(**config)
+    count = sum(math.prod(v.shape) for k, v in original.items() if not _is_fp8_scale_key(k))
+    return dict(model.config), count
 
 
 def dit_state_dict_original(model: RefAlignTransformer3DModel, dtype=None) -> dict[str, torch.Tensor]:

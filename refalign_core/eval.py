@@ -5,12 +5,14 @@ cases.json (OpenS2V-Eval-like; a list, or a dict keyed by case id; paths relativ
     [{"id": "0001", "prompt": "...", "references": ["refs/a.png", "refs/b.png"], "names": ["alice", "dog"],
       "masks": [null, "refs/b_mask.png"], "video": "0001.mp4"}]
 
-`references` may also be called `img_paths`; `video` defaults to the first file in --videos named `<id>.*`.
-Writes `cases/<id>.json`, `sheets/<id>.png`, `summary.csv` and `summary.md` (per case and means); a case whose
-video is missing or unreadable is reported with its error, and the run goes on."""
+`references` may also be called `img_paths`; `video` defaults to the first file in --videos named exactly
+`<id>.<suffix>`. Writes `cases/<id>.json`, `sheets/<id>.png`, `summary.csv` and `summary.md` (per case and means),
+each whole or not at all; a case that cannot be scored (a missing or unreadable video or image) is reported with its
+error, and the run goes on. A report that cannot be written fails that case too, and the run exits 1 at the end."""
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import RefAlignInputError, run_command
+from .files import write_atomic
 from .identity import IdentitySettings, check_identity
 from .identity_sheet import contact_sheet
 from .paths import check_output_folder, inside
@@ -84,9 +87,9 @@ def read_cases(path: Path) -> list[dict]:
 def _video_path(case: dict, videos: Path) -> Path:
     if case.get("video"):
         return inside(videos, case["video"], f"case {case['id']} video")
-    matches = sorted(p for p in videos.glob(f"{case['id']}.*") if p.is_file())
+    matches = sorted(p for p in videos.iterdir() if p.stem == case["id"] and p.suffix and p.is_file())
     if not matches:
-        raise RefAlignInputError(f"no video named {case['id']}.* in {videos}")
+        raise RefAlignInputError(f"no video named {case['id']}.<suffix> in {videos}")
     return matches[0]
 
 
@@ -102,9 +105,15 @@ def evaluate_case(case: dict, videos: Path, embedder, settings, backbone: str, f
                             backbone_name=backbone, face_embedder=face_embedder)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     (out / "sheets").mkdir(parents=True, exist_ok=True)
-    (out / "cases" / f"{case['id']}.json").write_text(json.dumps(
+    sheet = io.BytesIO()
+    contact_sheet(report, refs, frames).save(sheet, format="PNG")
+    case_report = write_atomic(out / "cases" / f"{case['id']}.json", json.dumps(
         {"id": case["id"], "prompt": case.get("prompt"), "video": str(video), **report.to_dict()}, indent=1))
-    contact_sheet(report, refs, frames).save(out / "sheets" / f"{case['id']}.png")
+    try:
+        write_atomic(out / "sheets" / f"{case['id']}.png", sheet.getvalue())
+    except OSError:
+        case_report.unlink(missing_ok=True)  # a failed case leaves no report of its own
+        raise
     faces = [s.face["similarity_mean"] for s in report.subjects if s.face and s.face.get("similarity_mean") is not None]
     return {
         "id": case["id"], "status": "ok", "subjects": len(report.subjects),
@@ -117,10 +126,11 @@ def evaluate_case(case: dict, videos: Path, embedder, settings, backbone: str, f
 
 
 def write_summary(rows: list[dict], out: Path) -> None:
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", table.getvalue())
     ok = [r for r in rows if r["status"] == "ok"]
     numeric = ["identity_mean", "identity_min", "global_mean", "confusion_flags", "copy_paste", "face_similarity",
                "motion_amplitude"]
@@ -133,7 +143,7 @@ def write_summary(rows: list[dict], out: Path) -> None:
     means = {c: float(np.mean([r[c] for r in ok if r[c] is not None])) if any(r[c] is not None for r in ok) else None
              for c in numeric}
     lines.append("| **mean** | " + f"{len(ok)}/{len(rows)} ok | | " + " | ".join(fmt(means[c]) for c in numeric) + " | |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
 def _run(argv) -> int:
@@ -161,17 +171,23 @@ def _run(argv) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = IdentitySettings(sample_frames=args.sample_frames)
-    rows = []
-    for case in tqdm(cases, desc="evaluating", unit="case"):
-        try:
-            rows.append(evaluate_case(case, Path(args.videos), embedder, settings, args.backbone, face_embedder,
-                                      out))
-        except (RefAlignInputError, OSError) as e:
-            rows.append({c: None for c in COLUMNS} | {"id": case["id"], "status": "failed", "error": str(e)})
-            tqdm.write(f"case {case['id']}: {e}")
-    write_summary(rows, out)
+    rows, unwritten = [], []
+    try:
+        for case in tqdm(cases, desc="evaluating", unit="case"):
+            try:
+                rows.append(evaluate_case(case, Path(args.videos), embedder, settings, args.backbone, face_embedder,
+                                          out))
+            except (RefAlignInputError, OSError) as e:
+                rows.append({c: None for c in COLUMNS} | {"id": case["id"], "status": "failed", "error": str(e)})
+                tqdm.write(f"case {case['id']}: {e}")
+                if isinstance(e, OSError):
+                    unwritten.append(f"case {case['id']}: {e}")
+    finally:  # whatever stops the run, the cases scored so far are summarised
+        write_summary(rows, out)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases scored; report: {out / 'summary.md'}")
+    if unwritten:
+        raise OSError(f"{len(unwritten)} case report(s) could not be written, first {unwritten[0]}")
     return 0
 
 

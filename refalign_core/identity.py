@@ -221,8 +221,8 @@ def _subject_template(reference: torch.Tensor) -> tuple[np.ndarray, torch.Tensor
 def check_identity(references, frames: torch.Tensor, embedder, masks=None, names=None,
                    settings: IdentitySettings | None = None, backbone_name: str = "custom",
                    face_embedder=None) -> IdentityReport:
-    """references: 1..K images (any form `fit_on_white` takes); frames `[T, H, W, 3]` in [0, 1]; embedder:
-    images -> grid tokens. Returns the per-subject report."""
+    """references: 1..K images (any form `fit_on_white` takes); frames `[T, H, W, 3]` float in [0, 1] (or uint8);
+    embedder: images -> grid tokens. Returns the per-subject report."""
     settings = settings or IdentitySettings()
     if torch.is_tensor(references) and references.ndim == 3:
         raise RefAlignInputError("identity check: references must be a list of images (or a batch [K,H,W,C]); one "
@@ -233,8 +233,16 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
     if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
         raise RefAlignInputError(f"identity check: frames must be a tensor [T, H, W, 3], got {shape}")
+    if frames.dtype == torch.uint8:
+        frames = frames.float() / 255.0
+    elif not frames.is_floating_point():
+        raise RefAlignInputError(f"identity check: frames must be float in [0, 1] or uint8 in [0, 255], got "
+                                 f"{frames.dtype}")
     if not bool(torch.isfinite(frames).all()):
         raise RefAlignInputError("identity check: the frames have NaN or infinite values")
+    if float(frames.max()) > 1.5:
+        raise RefAlignInputError(f"identity check: float frames must be in [0, 1], got values up to "
+                                 f"{float(frames.max()):g} (0-255 values? pass uint8 or divide by 255)")
     for what, value in (("names", names), ("masks", masks)):
         if isinstance(value, str):
             raise RefAlignInputError(f"identity check: {what} must be a list, one entry per reference, not the "

@@ -23,6 +23,7 @@ from .errors import RefAlignInputError
 
 LORA_PREFIX = "diffusion_model."
 ADAPTER_PREFIX = "refalign_lora_"
+MAX_STRENGTH = 100.0  # ComfyUI's LoraLoader range, ±100; past it a delta swamps any weight
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,9 @@ class LoraSpec:
 
     def __post_init__(self):
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or \
-                not math.isfinite(self.strength):
-            raise RefAlignInputError(f"LoRA {self.path}: strength must be a finite number, got {self.strength!r}")
+                not math.isfinite(self.strength) or abs(self.strength) > MAX_STRENGTH:
+            raise RefAlignInputError(f"LoRA {self.path}: strength must be a number in [-{MAX_STRENGTH:g}, "
+                                     f"{MAX_STRENGTH:g}], got {self.strength!r}")
 
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
@@ -43,10 +45,21 @@ class LoraSpec:
         path, sep, strength = text.rpartition(":")
         if sep and path and not os.path.exists(text):
             try:
-                return cls(path, float(strength))
+                value = float(strength)
             except ValueError:
                 raise RefAlignInputError(f"--lora {text}: the strength after ':' must be a number") from None
+            return cls(path, value)
         return cls(text)
+
+
+def _check_pair(name: str, module: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """One LoRA module's down (A, `[r, in]`) and up (B, `[out, r]`): the same rank, finite values."""
+    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        raise RefAlignInputError(f"{name}: {module} has down / A {tuple(down.shape)} and up / B {tuple(up.shape)}: "
+                                 "expected [rank, in] and [out, rank] with the same rank")
+    for part, tensor in (("down / A", down), ("up / B", up)):
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise RefAlignInputError(f"{name}: {module} {part} has NaN or infinite values")
 
 
 def merge_lora(state_dict: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float = 1.0,
@@ -64,6 +77,7 @@ def merge_lora(state_dict: dict[str, torch.Tensor], lora: dict[str, torch.Tensor
         down, up = lora[down_key].float(), lora.get(module + ".lora_up.weight")
         if weight is None or up is None:
             raise RefAlignInputError(f"{name}: {module} has no matching DiT weight or no lora_up (wrong base model?)")
+        _check_pair(name, module, down, up)
         rank = down.shape[0]
         alpha = float(lora[module + ".alpha"]) if module + ".alpha" in lora else rank
         delta = (up.float() @ down) * (strength * alpha / rank)
@@ -141,6 +155,9 @@ def check_lora_fits(lora: dict[str, torch.Tensor], dit, name: str) -> None:
         a, b = parts.get("A.weight"), parts.get("B.weight")
         if a is None or b is None:
             raise RefAlignInputError(f"{name}: {module} has only one of lora_A / lora_B")
+        _check_pair(name, module, a, b)
+        if "B.bias" in parts and not bool(torch.isfinite(parts["B.bias"].float()).all()):
+            raise RefAlignInputError(f"{name}: {module} bias delta has NaN or infinite values")
         if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
             raise RefAlignInputError(f"{name}: {module} is {b.shape[0]}x{a.shape[1]}, the DiT layer is "
                                      f"{target.out_features}x{target.in_features} (wrong base model, e.g. 14B LoRA "

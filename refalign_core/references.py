@@ -46,7 +46,8 @@ def _is_pil(image) -> bool:
     return hasattr(image, "convert") and hasattr(image, "mode")
 
 
-def _check_pixels(image, name: str) -> None:
+def check_pixels(image, name: str) -> None:
+    """A PIL image (opened, maybe not decoded) of at most `MAX_REFERENCE_PIXELS`."""
     if image.width * image.height > MAX_REFERENCE_PIXELS:
         raise RefAlignInputError(f"{name}: {image.width}x{image.height} is larger than {MAX_REFERENCE_PIXELS:,} "
                                  "pixels; downscale it first")
@@ -54,7 +55,7 @@ def _check_pixels(image, name: str) -> None:
 
 def _pil_to_array(image, name: str) -> np.ndarray:
     """A PIL image as an array in [0, 1] (16-bit and 32-bit grey scaled by their own range, not clipped white)."""
-    _check_pixels(image, name)
+    check_pixels(image, name)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         values = np.asarray(image, dtype=np.float32)
         return values / 65535.0 if image.mode != "F" else values / (255.0 if values.max() > 1 else 1.0)
@@ -106,7 +107,7 @@ def _reduce_large(image, mask, width: int, height: int, name: str):
     if not _is_pil(image) or not (mask is None or _is_pil(mask)) or image.mode not in ("RGB", "RGBA", "L", "LA",
                                                                                          "P", "PA", "1"):
         return image, mask
-    _check_pixels(image, name)
+    check_pixels(image, name)
     factor = min(image.width // (2 * width), image.height // (2 * height))
     if factor < 2:
         return image, mask

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("euler", "unipc")
 UNCOND_REFERENCES = ("zeros_per_reference", "one_zero_frame")
 MAX_SEED = 2**64 - 1
+# ComfyUI's own limits (ModelSamplingSD3's shift, the KSampler's cfg): past them the σ grid collapses (a shift of
+# 1e-8 gives an infinite first timestep, 1e12 one repeated timestep) and guidance only amplifies noise
+MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
+MAX_GUIDANCE_SCALE = 100.0
 
 
 class SamplingCancelled(Exception):
@@ -45,11 +49,13 @@ def _int(name, value, minimum=None, maximum=None):
     return int(value)
 
 
-def _float(name, value, minimum=None, exclusive_minimum=False):
+def _float(name, value, minimum=None, exclusive_minimum=False, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
         raise RefAlignInputError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
         raise RefAlignInputError(f"{name} must be {'>' if exclusive_minimum else '≥'} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise RefAlignInputError(f"{name} must be ≤ {maximum}, got {value}")
     return float(value)
 
 
@@ -87,9 +93,9 @@ class SamplingSettings:
             raise RefAlignInputError(f"length must be 4n+1 frames (1, 5, …, 81), got {frames}")
         set_("num_frames", frames)
         set_("steps", _int("steps", self.steps, 1, 10_000))
-        set_("shift", _float("shift", self.shift, 0.0, exclusive_minimum=True))
-        set_("image_scale", _float("image_scale", self.image_scale))
-        set_("text_scale", _float("text_scale", self.text_scale))
+        set_("shift", _float("shift", self.shift, MIN_SHIFT, maximum=MAX_SHIFT))
+        for name in ("image_scale", "text_scale"):
+            set_(name, _float(name, getattr(self, name), -MAX_GUIDANCE_SCALE, maximum=MAX_GUIDANCE_SCALE))
         set_("seed", _int("seed", self.seed, 0, MAX_SEED))
         if self.sampler not in SAMPLERS:
             raise RefAlignInputError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
@@ -178,21 +184,37 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+GENERIC_CAUSES = ("check the guidance scales, the prompt embeddings, the DiT weights and the LoRA strengths and "
+                  "weights")
+
+
 def run_schedule(scheduler, latents: torch.Tensor, velocity: Velocity, *, callback=None,
-                 cancel_check=None) -> torch.Tensor:
+                 cancel_check=None, diagnose: Callable[[], str] | None = None) -> torch.Tensor:
     """Integrate the flow from `latents` (pure noise at σ = 1) to σ = 0 over the scheduler's steps.
 
     velocity(latents, timestep, sigma) -> v (timestep = 1000·σ); callback(step, steps, latents) after every step;
-    cancel_check() before every step (True cancels)."""
+    cancel_check() before every step (True cancels). Latents that turn NaN or infinite stop the run with one error
+    (the likely causes from `diagnose()`), so nothing black is ever decoded and saved."""
     steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         if cancel_check is not None and cancel_check():
             raise SamplingCancelled(f"cancelled before step {i + 1}/{steps}")
         v = velocity(latents, t, scheduler.sigmas[i])
         latents = scheduler.step(v, t, latents).prev_sample
+        if not bool(torch.isfinite(latents).all()):
+            causes = diagnose() if diagnose is not None else GENERIC_CAUSES
+            raise RefAlignInputError(f"sampling: the latents became NaN or infinite at step {i + 1}/{steps}; {causes}")
         if callback is not None:
             callback(i + 1, steps, latents)
     return latents
+
+
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the module's first parameter holding NaN or inf (fp8 ones read in fp32), or None."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.float().sum())):
+            return name
+    return None
 
 
 PASS_NAMES = ("uncond", "image", "text")
@@ -282,6 +304,36 @@ class _Velocity:
         return sum(p.weight * outputs[i] for i, p in enumerate(passes))
 
 
+def check_positions(settings: SamplingSettings, config, num_references: int) -> None:
+    """The video (plus its references on the frame axis) within the DiT's RoPE positions, per axis
+    (`rope_max_seq_len` of its config), checked before any work: past them the DiT fails deep inside."""
+    limit = config["rope_max_seq_len"]
+    p_t, p_h, p_w = config["patch_size"]
+    latent_frames = settings.latent_shape()[2]
+    frames = (latent_frames + num_references) // p_t
+    if frames > limit:
+        most = 4 * (limit * p_t - num_references - 1) + 1
+        raise RefAlignInputError(
+            f"num_frames {settings.num_frames} with {num_references} reference(s) needs {frames} temporal positions; "
+            f"this DiT's RoPE has {limit} (rope_max_seq_len): at most {most} frames")
+    for name, size, patch in (("width", settings.width, p_w), ("height", settings.height, p_h)):
+        if size // 8 // patch > limit:
+            raise RefAlignInputError(
+                f"{name} {size} needs {size // 8 // patch} positions; this DiT's RoPE has {limit} per axis "
+                f"(rope_max_seq_len): at most {limit * patch * 8}")
+
+
+def check_text_embeddings(embeddings: dict[str, torch.Tensor | None], text_dim: int) -> None:
+    """Each named embedding `[1, L, text_dim]` and finite (None: not given)."""
+    for name, emb in embeddings.items():
+        if emb is None:
+            continue
+        if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != text_dim:
+            raise RefAlignInputError(f"{name} must be [1, L, {text_dim}], got {tuple(emb.shape)}")
+        if not bool(torch.isfinite(emb).all()):
+            raise RefAlignInputError(f"{name} have NaN or infinite values")
+
+
 def check_reference_latents(reference_latents: torch.Tensor, settings: SamplingSettings, channels: int) -> None:
     shape = settings.latent_shape(channels)
     if reference_latents.ndim != 5 or reference_latents.shape[0] != 1 or \
@@ -311,13 +363,22 @@ def sample_r2v(
     prompt_embeds / negative_prompt_embeds: `[1, L, text_dim]`; reference_latents: clean `[1, 16, K, H/8, W/8]`.
     callback(step, steps, latents) runs after every step; cancel_check() before every step (True cancels)."""
     check_reference_latents(reference_latents, settings, dit.config.in_channels)
-    for name, emb in (("prompt embeddings", prompt_embeds), ("negative prompt embeddings", negative_prompt_embeds)):
-        if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[2] != dit.config.text_dim:
-            raise RefAlignInputError(f"{name} must be [1, L, {dit.config.text_dim}], got {tuple(emb.shape)}")
-        if not bool(torch.isfinite(emb).all()):
-            raise RefAlignInputError(f"{name} have NaN or infinite values")
+    check_positions(settings, dit.config, reference_latents.shape[2])
+    check_text_embeddings({"prompt embeddings": prompt_embeds, "negative prompt embeddings": negative_prompt_embeds},
+                          dit.config.text_dim)
     texts = (prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float())
     schedule = {three: _guidance_passes(*texts, settings, three) for three in (True, False)}
+
+    def diagnose() -> str:
+        from .lora import applied_loras
+        broken = first_non_finite(dit)
+        if broken is not None:
+            return f"the DiT weight {broken} has NaN or infinite values (a broken checkpoint or LoRA)"
+        largest = max(float(t.abs().max()) for t in texts[:2])
+        loras = ", ".join(f"{spec.path} at {spec.strength:g}" for spec in applied_loras(dit)) or "none"
+        return (f"check the guidance scales (image_scale {settings.image_scale:g}, text_scale "
+                f"{settings.text_scale:g}), the prompt embeddings (largest |value| {largest:.3g}) and the LoRAs "
+                f"({loras})")
 
     def run(run_settings, callback=None, cancel_check=None, calibration=None):
         scheduler = make_scheduler(run_settings.sampler, run_settings.steps, run_settings.shift)
@@ -325,7 +386,8 @@ def sample_r2v(
         velocity = _Velocity(dit, schedule, run_settings, batch_passes and calibration is None, calibration)
         try:
             with dit_cache(dit, _cache_config(dit, run_settings, run, cancel_check)):
-                return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check)
+                return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check,
+                                    diagnose=diagnose)
         finally:
             dit.clear_text_kv_cache()
 

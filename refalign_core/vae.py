@@ -56,9 +56,21 @@ def vae_diffusers_to_original_key(key: str) -> str:
     raise KeyError(f"no original Wan VAE name for diffusers key {key!r}")
 
 
-def _vae_config(state_dict: dict, metadata: dict) -> dict:
+def _stored_config(metadata: dict, path) -> dict:
+    """The config a VAE file carries in its metadata (an empty one when it has none)."""
+    try:
+        config = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+    except ValueError as e:
+        raise RefAlignInputError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise RefAlignInputError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata must be a JSON object, got "
+                                 f"{type(config).__name__}")
+    return config
+
+
+def _vae_config(state_dict: dict, metadata: dict, path) -> dict:
     config = json.loads(WAN21_VAE_CONFIG.read_text())
-    config.update(json.loads(metadata.get(CONFIG_METADATA_KEY, "{}")))
+    config.update(_stored_config(metadata, path))
     config["base_dim"] = state_dict["encoder.conv_in.weight"].shape[0]
     config["z_dim"] = state_dict["quant_conv.weight"].shape[0] // 2
     return config
@@ -75,7 +87,7 @@ def _wan_vae_state_and_config(state_dict: dict, metadata: dict, path) -> tuple[d
         raise RefAlignInputError(
             f"{path} is not a Wan VAE (no encoder.conv1 / encoder.conv_in); first keys: {sorted(state_dict)[:6]}"
         )
-    config = _vae_config(state_dict, metadata)
+    config = _vae_config(state_dict, metadata, path)
     if config["z_dim"] != len(config["latents_mean"]):
         raise RefAlignInputError(
             f"{path} has {config['z_dim']} latent channels; only the 16-channel Wan2.1 VAE is supported "
@@ -95,12 +107,16 @@ def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype
     metadata = metadata or {}
     if CLASS_METADATA_KEY in metadata:
         vae_class = _other_vae_class(metadata[CLASS_METADATA_KEY], path)
-        config = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+        config = _stored_config(metadata, path)
     else:
         vae_class = AutoencoderKLWan
         state_dict, config = _wan_vae_state_and_config(state_dict, metadata, path)
-    with torch.device("meta"):
-        vae = vae_class(**config)
+    try:
+        with torch.device("meta"):
+            vae = vae_class(**config)
+    except (TypeError, ValueError) as e:
+        raise RefAlignInputError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a {vae_class.__name__} "
+                                 f"config: {e}") from e
     try:
         vae.load_state_dict({k: v.to(device, dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as e:
@@ -147,11 +163,23 @@ def latent_stats(vae: torch.nn.Module, like: torch.Tensor | None = None):
     return mean, std
 
 
+def _check_finite(vae: torch.nn.Module, output: torch.Tensor, what: str, given: torch.Tensor) -> None:
+    """A VAE output with NaN / inf is refused, naming a broken weight when there is one, else the input's range."""
+    if bool(torch.isfinite(output).all()):
+        return
+    from .sampler import first_non_finite
+    broken = first_non_finite(vae)
+    cause = (f"its weight {broken} has NaN or infinite values" if broken is not None else
+             f"its input's largest |value| is {float(given.abs().max()):.3g}")
+    raise RefAlignInputError(f"VAE: {what} gave NaN or infinite values; {cause}")
+
+
 @torch.no_grad()
 def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     """video `[B, 3, T, H, W]` in [-1, 1] -> normalised latents `[B, 16, (T-1)/4+1, H/8, W/8]` (posterior mean)."""
     param = next(vae.parameters())
     mu = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+    _check_finite(vae, mu, "encoding", video)
     mean, std = latent_stats(vae, mu)
     return (mu - mean) / std
 
@@ -162,4 +190,6 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor
     param = next(vae.parameters())
     latents = latents.to(param.device, param.dtype)
     mean, std = latent_stats(vae, latents)
-    return vae.decode(latents * std + mean).sample.clamp(-1, 1)
+    video = vae.decode(latents * std + mean).sample
+    _check_finite(vae, video, "decoding", latents)
+    return video.clamp_(-1, 1)
