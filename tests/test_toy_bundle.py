@@ -31,6 +31,8 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert {"judge.safetensors", "teacher.safetensors"} <= set(record["sha256"])
     assert set(record["teachers"]) == {"toy teacher", "efficientnet-lite0"}
     assert 0 <= record["judge_calibration"]["accuracy"] <= 1
+    assert 0 <= record["judge_calibration_through_vae"]["accuracy"] <= 1
+    assert record["judge_calibration_through_vae"]["clips"] == record["recipe"]["calibration_clips"] == 2
     assert sorted(p.name for p in (tmp_path / "extra").iterdir()) == sorted(
         __import__("make_toy_bundle").ABLATION)
     pipe = RefAlignPipeline.from_bundle(tmp_path / "m" / "refalign_toy_baseline")
@@ -45,7 +47,8 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert ablation.stdout.strip().splitlines()[-1].startswith("confusion RefAlign - baseline: ")
     table = (tmp_path / "ab" / "ablation.md").read_text()
     for row in ("| RefAlign |", "| baseline |", "| positive-only RA |", "| RefAlign, EfficientNet teacher |",
-                "| world clip (ceiling) |", "| RefAlign (seeds 0+1) − baseline (seeds 0+1) |",
+                "| world clip (judge ceiling) |",
+                "| world clip through the VAE (DiT ceiling) |", "| RefAlign (seeds 0+1) − baseline (seeds 0+1) |",
                 "| toy teacher (teacher) |", "| EfficientNet-Lite0 (teacher) |", "| RefAlign, block 1 |",
                 "| baseline, block 5 |"):
         assert row in table, row

@@ -64,6 +64,7 @@ RECIPE = {
               "ema_decay": 0.999, "loss_weighting": "uniform"},
     "text_length": 16,
     "judge": {"clips": 1200, "steps": 2500, "batch": 128},
+    "calibration_clips": 96,  # world clips of held-out identities the judge is calibrated on
     "teacher": {"views": 16, "steps": 1500, "batch": 64, "dim": 64, "width": 32},
     "augment_copies": 2,
     "alignment_blocks": [0, 1],
@@ -198,12 +199,12 @@ def build_judge_and_teacher(recipe: dict, work: Path) -> tuple[dict, dict]:
     def judge(folder: Path) -> None:
         net = train_judge(seed=recipe["seed"], **recipe["judge"])
         save_judge(net, folder / "judge.safetensors")
-        (folder / "calibration.json").write_text(json.dumps(calibrate(WorldJudge(net))))
+        (folder / "calibration.json").write_text(json.dumps(calibrate(WorldJudge(net), recipe["calibration_clips"])))
 
     def through_vae(folder: Path) -> None:
         judge = WorldJudge.load(work / "judge" / "judge.safetensors")
         vae = load_vae(work / "autoencoders" / "vae.safetensors")
-        (folder / "calibration.json").write_text(json.dumps(calibrate(judge, vae=vae)))
+        (folder / "calibration.json").write_text(json.dumps(calibrate(judge, recipe["calibration_clips"], vae=vae)))
 
     def teacher(folder: Path) -> None:
         train_teacher(seed=recipe["seed"], **recipe["teacher"]).save(folder / "teacher.safetensors")
@@ -214,10 +215,12 @@ def build_judge_and_teacher(recipe: dict, work: Path) -> tuple[dict, dict]:
         (folder / "report.json").write_text(json.dumps({name: teacher_report(vfm) for name, vfm in teachers.items()}))
 
     teacher_settings = {"seed": recipe["seed"], **recipe["teacher"]}
-    times = {"judge_s": stage(work, "judge", {"seed": recipe["seed"], **recipe["judge"]}, judge),
+    times = {"judge_s": stage(work, "judge", {"seed": recipe["seed"], "calibration_clips": recipe["calibration_clips"],
+                                              **recipe["judge"]}, judge),
              "teacher_s": stage(work, "teacher", teacher_settings, teacher)}
     stage(work, "teacher_report", teacher_settings, report)
-    stage(work, "judge_through_vae", {k: recipe[k] for k in ("seed", "world", "text_encoder", "vae", "judge")},
+    stage(work, "judge_through_vae", {k: recipe[k] for k in ("seed", "world", "text_encoder", "vae", "judge",
+                                                             "calibration_clips")},
           through_vae)
     reports = {"judge_calibration": json.loads((work / "judge" / "calibration.json").read_text()),
                "judge_calibration_through_vae": json.loads((work / "judge_through_vae" / "calibration.json")
@@ -272,6 +275,7 @@ def main(argv=None) -> int:
                          ("train", "checkpoint_every"), ("train", "warmup_steps"), ("judge", "clips"),
                          ("judge", "steps"), ("teacher", "views"), ("teacher", "steps")):
         recipe[section][key] = max(2, int(recipe[section][key] * args.scale))
+    recipe["calibration_clips"] = max(2, int(recipe["calibration_clips"] * args.scale))
     work = Path(args.work or tempfile.mkdtemp(prefix="refalign_toy_"))
     out = Path(args.out)
     bundle = out / "refalign_toy"
