@@ -7,8 +7,9 @@ reference tokens skip text cross-attention. Two pieces install that on a cloned 
 
 * a `DIFFUSION_MODEL` wrapper (`count_video_tokens`) reads the video token count off the latent's shape and hands
   it down in `transformer_options` (only when reference frames are present: without them nothing changes);
-* an object patch on every block's `cross_attn.forward` (`VideoOnlyCrossAttention`) runs the forward it wraps on
-  the leading video tokens and gives the reference tokens a zero update.
+* an object patch on every block's `cross_attn.forward` (`VideoOnlyCrossAttention`) runs that block's
+  cross-attention, looked up at call time in the running model, on the leading video tokens and gives the reference
+  tokens a zero update.
 
 Why this mechanism: object patches are undone and re-applied by ModelPatcher itself (clones, unloads, other
 patchers of the same weights), they wrap whatever forward was there before (another pack's patch included), and the
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 PATCH_KEY = "refalign"  # wrapper key on the ModelPatcher
 VIDEO_TOKENS = "refalign_video_tokens"  # transformer_options key: leading tokens that are video
+RUNNING_MODEL = "refalign_running_model"  # transformer_options key: the WanModel this call runs
 BUNDLE_ATTACHMENT = "refalign_bundle"  # ModelPatcher attachment: the RefAlign model (VAE, text encoder) it came from
 GUIDANCE_CONDS = ("negative", "negative_text", "positive")  # u, c_img, c_txt
 
@@ -44,19 +46,35 @@ def _cross_attention_key(index: int) -> str:
 
 
 class VideoOnlyCrossAttention:
-    """Object patch for `blocks.i.cross_attn.forward`: the wrapped forward runs on the leading video tokens; the
+    """Object patch for `blocks.{index}.cross_attn.forward`: the cross-attention runs on the leading video tokens; the
     trailing reference tokens get a zero update. Without a video token count in `transformer_options` (no
-    references) it is the wrapped forward itself."""
+    references) it is the cross-attention itself.
 
-    def __init__(self, forward):
-        self.forward = forward
+    The cross-attention is found at call time, in the diffusion model that is running (`count_video_tokens` names
+    it), never held as a bound method: ComfyUI copies object patches onto clones that wrap another model instance
+    (`clone(model_override=…)`: multi-GPU replicas, device selection, non-dynamic delegates), and each must run its
+    own modules. Another pack's patch that was there first is kept and called instead."""
+
+    def __init__(self, index: int, wrapped=None):
+        self.index = index
+        self.wrapped = None if isinstance(getattr(wrapped, "__self__", None), torch.nn.Module) else wrapped
+
+    def _cross_attention(self, transformer_options: dict):
+        if self.wrapped is not None:
+            return self.wrapped
+        model = transformer_options.get(RUNNING_MODEL)
+        if model is None:
+            raise RuntimeError("RefAlign's cross-attention patch ran without its DIFFUSION_MODEL wrapper")
+        module = model.blocks[self.index].cross_attn
+        return type(module).forward.__get__(module)
 
     def __call__(self, x, context, *args, transformer_options=None, **kwargs):
         transformer_options = transformer_options if transformer_options is not None else {}
+        forward = self._cross_attention(transformer_options)
         video_tokens = transformer_options.get(VIDEO_TOKENS)
         if video_tokens is None or video_tokens >= x.shape[1]:
-            return self.forward(x, context, *args, transformer_options=transformer_options, **kwargs)
-        video = self.forward(x[:, :video_tokens], context, *args, transformer_options=transformer_options, **kwargs)
+            return forward(x, context, *args, transformer_options=transformer_options, **kwargs)
+        video = forward(x[:, :video_tokens], context, *args, transformer_options=transformer_options, **kwargs)
         return torch.nn.functional.pad(video, (0, 0, 0, x.shape[1] - video_tokens))
 
 
@@ -67,12 +85,12 @@ def video_token_count(latent_shape, patch_size) -> int:
 
 def count_video_tokens(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
                        *args, **kwargs):
-    """`WrappersMP.DIFFUSION_MODEL` wrapper around `WanModel._forward`: with reference frames present, tells the
-    cross-attention patches how many leading tokens are video."""
-    transformer_options = transformer_options if transformer_options is not None else {}
+    """`WrappersMP.DIFFUSION_MODEL` wrapper around `WanModel._forward`: tells the cross-attention patches which model
+    is running and, with reference frames present, how many leading tokens are video."""
+    transformer_options = {**(transformer_options if transformer_options is not None else {}),
+                           RUNNING_MODEL: executor.class_obj}
     if time_dim_concat is not None and time_dim_concat.shape[2] > 0:
-        count = video_token_count(x.shape, executor.class_obj.patch_size)
-        transformer_options = {**transformer_options, VIDEO_TOKENS: count}
+        transformer_options[VIDEO_TOKENS] = video_token_count(x.shape, executor.class_obj.patch_size)
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, *args, **kwargs)
 
 
@@ -100,7 +118,7 @@ def install_refalign(model):
         key = _cross_attention_key(index)
         current = patched.get_model_object(key)
         if not isinstance(current, VideoOnlyCrossAttention):
-            patched.add_object_patch(key, VideoOnlyCrossAttention(current))
+            patched.add_object_patch(key, VideoOnlyCrossAttention(index, current))
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     patched.remove_wrappers_with_key(kind, PATCH_KEY)
     patched.add_wrapper_with_key(kind, PATCH_KEY, count_video_tokens)

@@ -220,12 +220,36 @@ def test_patch_composes_with_another_cross_attention_patch_in_either_order(nativ
     assert native.is_patched(model)
 
 
+def test_a_clone_onto_another_model_instance_runs_only_that_instances_modules(native):
+    """As `clone(model_override=…)` does in ComfyUI 0.38 (multi-GPU replicas, device selection, non-dynamic
+    delegates): the object patches are copied verbatim onto a patcher of a second model instance."""
+    primary = ModelPatcher(WAN21(WanModel()))
+    patched = native.install_refalign(primary)
+    second = WanModel()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    replica = ModelPatcher(WAN21(second))
+    replica.object_patches, replica.wrappers = dict(patched.object_patches), patched.wrappers
+    touched = []
+    for block in primary.model.diffusion_model.blocks:
+        block.cross_attn.register_forward_hook(lambda *_: touched.append(1))
+        for layer in (block.cross_attn.q, block.cross_attn.k, block.cross_attn.v):
+            layer.register_forward_hook(lambda *_: touched.append(1))
+    x, t, context, references = inputs(2)
+    torch.testing.assert_close(replica(x, t, context, references), oracle(replica, x, t, context, references),
+                               rtol=0, atol=1e-6)
+    assert touched == []  # the primary's cross-attention never ran
+    torch.testing.assert_close(patched(x, t, context, references), oracle(patched, x, t, context, references),
+                               rtol=0, atol=1e-6)
+
+
 def test_install_is_idempotent_and_refuses_a_non_wan_model(native):
     once = native.install_refalign(ModelPatcher(WAN21(WanModel())))
     twice = native.install_refalign(once)
     assert native.is_patched(twice)
     forward = twice.get_model_object("diffusion_model.blocks.0.cross_attn.forward")
-    assert not isinstance(forward.forward, native.VideoOnlyCrossAttention)  # not wrapped twice
+    assert isinstance(forward, native.VideoOnlyCrossAttention) and forward.wrapped is None  # not wrapped twice
     assert len(twice.get_wrappers(DIFFUSION_MODEL, native.PATCH_KEY)) == 1
     assert not native.is_patched(ModelPatcher(WAN21(WanModel())))
     i2v = WanModel()
@@ -247,7 +271,7 @@ def test_video_only_cross_attention_runs_the_wrapped_forward_on_video_tokens_onl
         seen.append(x.shape[1])
         return x + context.mean()
 
-    patch = native.VideoOnlyCrossAttention(forward)
+    patch = native.VideoOnlyCrossAttention(0, forward)  # another pack's patch: kept and called
     x, context = torch.randn(1, 10, 4), torch.randn(1, 3, 4)
     out = patch(x, context, transformer_options={native.VIDEO_TOKENS: 6})
     assert seen == [6] and torch.equal(out[:, :6], forward(x[:, :6], context)) and torch.equal(out[:, 6:], torch.zeros(1, 4, 4))
