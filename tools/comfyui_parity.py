@@ -4,7 +4,8 @@
 
 1. forward: the RefAlign-patched native `WanModel` vs our `RefAlignTransformer3DModel`, same random weights saved in
    original Wan naming, K = 0..3 references; a Wan-shaped tiny model (loaded by ComfyUI's own loader) and a
-   toy-shaped one (other head count / text width: ComfyUI's model config with those values);
+   toy-shaped one (other head count / text width: ComfyUI's model config with those values); and the patched MODEL's
+   patches copied onto a second model instance, as 0.38's `clone(model_override=…)` does;
 2. sampling: the embedded toy model through Loader → native MODEL → RefAlign Model Patch → ModelSamplingSD3 → R2V
    Sampler vs the REFALIGN_MODEL path on our DiT (Loader offload `none`), same seed / steps, euler and unipc;
    DualCFGGuider vs our guider on the same conds;
@@ -13,7 +14,9 @@
 4. composition (reported, not part of the max): zero references = unpatched model bit for bit, TorchCompileModel,
    EasyCache.
 
-Prints every figure; the last line is `max diff: <value>` over 1–3."""
+Prints every figure; the last line is `max diff: <value>` over 1–3. Runs in ComfyUI's Python environment after
+`pip install -e .` of this pack (or from a checkout: the repository root is put on the import path); it needs none of
+the pack's extras."""
 
 import argparse
 import json
@@ -25,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model  # noqa: E402
 
 make_torchvision_importable()
 
+from refalign_core.bundles import embedded_bundles, read_bundle  # noqa: E402
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
 from refalign_core.toy.demo import DEMO_PROMPT, demo_references  # noqa: E402
 from refalign_core.lora import merge_lora  # noqa: E402
@@ -80,21 +84,68 @@ def check_forward(pack, folder: Path) -> None:
             report(f"forward {label}, K={k}: |patched native − ours|", (got - ours).abs().max().item())
             unpatched = run_diffusion_model(plain, x, t, context, refs)
             if k == 0:
-                report(f"  K=0: patched == unpatched native bit for bit", bool(torch.equal(got, unpatched)), False)
+                report("  K=0: patched == unpatched native bit for bit", bool(torch.equal(got, unpatched)), False)
             else:
                 report(f"  K={k}: |unpatched native − ours| (what the patch fixes)",
                        (unpatched - ours).abs().max().item(), False)
+
+
+def check_clone_onto_another_instance(pack, folder: Path) -> None:
+    """What ComfyUI 0.38's `clone(model_override=…)` does (MultiGPU CFG split, Select Model Device, non-dynamic
+    delegates): a patcher of a second model instance gets the patched one's object patches and wrappers verbatim. It
+    must run its own modules: the same output as ours, and the first instance's cross-attention never runs."""
+    native = pack.nodes.native
+    path = folder / "wan-shaped.safetensors"
+    dit = randomised(tiny_dit(0, **WAN_SHAPED))
+    first = native.load_native_dit(path, patch=False)
+    patched = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(first)[0]
+    replica = native.load_native_dit(path, patch=False)
+    assert replica.model is not patched.model
+    replica.object_patches = patched.object_patches.copy()
+    replica.wrappers = {kind: {key: list(w) for key, w in by_key.items()} for kind, by_key in patched.wrappers.items()}
+    touched = []
+    hooks = [block.cross_attn.q.register_forward_hook(lambda *_: touched.append(1))
+             for block in patched.model.diffusion_model.blocks]
+    try:
+        for k in (0, 2):
+            x, t, context, refs = forward_inputs(dit, k)
+            with torch.no_grad():
+                ours = dit(x, t, context, reference_latents=refs).sample
+            got = run_diffusion_model(replica, x, t, context, refs)
+            report(f"clone onto a second model instance, K={k}: |replica − ours|", (got - ours).abs().max().item())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    report("  the first instance's cross-attention ran on the replica's calls", bool(touched), False)
+    if touched:
+        FIGURES["clone onto a second model instance: first instance untouched"] = float("inf")
 
 
 def toy_sampling(pack, sampler_name: str, model, steps=None):
     nodes = pack.NODE_CLASS_MAPPINGS
     images = [torch.from_numpy(np.asarray(im.convert("RGB"))).float().div(255)[None] for im in demo_references()]
     references = nodes["RefAlignMultiSubjectReference"]().collect(64, 64, image_1=images[0], image_2=images[1])[0]
-    defaults = json.loads((Path(pack.__file__).parent / "models" / "refalign_toy" / "refalign_bundle.json")
-                          .read_text())["defaults"]
+    defaults = read_bundle(toy_bundle()[1]).settings
     return nodes["RefAlignR2VSampler"]().sample(
-        model, references, DEMO_PROMPT, "", 64, 64, defaults["num_frames"], steps or defaults["steps"],
-        defaults["shift"], defaults["image_scale"], defaults["text_scale"], 0, sampler_name, "zeros_per_reference")
+        model, references, DEMO_PROMPT, "", 64, 64, defaults.num_frames, steps or defaults.steps,
+        defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference")
+
+
+def toy_bundle() -> tuple[str, Path]:
+    """The embedded RefAlign toy bundle: (its name in the Loader's list, its folder)."""
+    name, folder = next(iter(embedded_bundles().items()))
+    return name, folder
+
+
+def random_lora(dit, rank: int = 4, seed: int = 5) -> dict[str, torch.Tensor]:
+    """A random LoRA on `LORA_TARGETS` of `dit` in peft's state-dict naming (what the trainer holds), without peft."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("blocks.") and name.endswith(tuple(LORA_TARGETS)):
+            state[f"{name}.lora_A.default.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.1
+            state[f"{name}.lora_B.default.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.1
+    return state
 
 
 def check_sampling(pack, skip_compile: bool) -> None:
@@ -103,7 +154,7 @@ def check_sampling(pack, skip_compile: bool) -> None:
     import comfy_extras.nodes_torch_compile as torch_compile
 
     nodes = pack.NODE_CLASS_MAPPINGS
-    embedded = pack.nodes.loader.EMBEDDED
+    embedded = toy_bundle()[0]
     ours, _ = nodes["RefAlignLoader"]().load(embedded, "default", "fp32", "none")
     _, native_model = nodes["RefAlignLoader"]().load(embedded, "default", "auto", "comfy_managed")
     report("loader (comfy_managed) gives a native ModelPatcher", type(native_model).__name__, False)
@@ -117,7 +168,7 @@ def check_sampling(pack, skip_compile: bool) -> None:
         end = time.perf_counter()
         report(f"toy sampling ({sampler_name}): |native − REFALIGN_MODEL| latents",
                (latent_a["samples"] - latent_b["samples"]).abs().max().item())
-        report(f"  frames |native − REFALIGN_MODEL|", (frames_a - frames_b).abs().max().item(), False)
+        report("  frames |native − REFALIGN_MODEL|", (frames_a - frames_b).abs().max().item(), False)
         report(f"  wall s: REFALIGN_MODEL {middle - start:.2f}, native {end - middle:.2f}", "", False)
     other_shift = advanced.ModelSamplingSD3().patch(patched, 5.0)[0]
     _, latent_c = toy_sampling(pack, "euler", other_shift)
@@ -175,19 +226,11 @@ def check_dual_cfg(pack, folder: Path) -> None:
 def check_lora(pack, folder: Path) -> None:
     import folder_paths
     import nodes as comfy_nodes
-    from peft import LoraConfig
 
     native = pack.nodes.native
     base = randomised(tiny_dit(0, **TOY_SHAPED))
     save_dit(base, folder / "lora_base.safetensors")
-    adapted = randomised(tiny_dit(0, **TOY_SHAPED))
-    adapted.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    lora = lora_state_dict_for_comfyui(adapted.state_dict(), alpha=8)
+    lora = lora_state_dict_for_comfyui(random_lora(base), alpha=8)
     from safetensors.torch import save_file
     (folder / "loras").mkdir(exist_ok=True)
     save_file(lora, folder / "loras" / "refalign_test_lora.safetensors")
@@ -226,6 +269,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         check_forward(pack, folder)
+        check_clone_onto_another_instance(pack, folder)
         check_dual_cfg(pack, folder)
         check_lora(pack, folder)
         check_sampling(pack, args.skip_compile)
