@@ -117,5 +117,8 @@ def test_validator_catches_broken_workflows(signatures):
     assert any("groups may be left out" in e for e in broken(lambda w, n: w.__setitem__("groups", None)))
     assert any("absolute url" in e for e in broken(
         lambda w, n: w.__setitem__("models", [{"name": "a", "url": "huggingface.co/a", "directory": "vae"}])))
+    # layout: a node too short for its widgets, nodes drawn over each other
+    assert any("px tall" in e for e in broken(lambda w, n: n["size"].__setitem__(1, 120)))
+    assert any("overlap" in e for e in broken(lambda w, n: n.__setitem__("pos", list(w["nodes"][1]["pos"]))))
     # a union socket takes either type, nothing else
     assert any("types or ends" in e for e in broken(lambda w, n: w["links"][2].__setitem__(5, "LATENT")))

@@ -165,6 +165,32 @@ def zod_errors(workflow: dict) -> list[str]:
     return errors
 
 
+TITLE_HEIGHT, ROW_HEIGHT, SLOT_HEIGHT = 30, 24, 20  # LiteGraph's title bar, widget row (with its gap) and slot row
+
+
+def layout_errors(workflow: dict) -> list[str]:
+    """A node too short for its widgets and slots (the frontend draws them past its bottom, under other nodes),
+    and nodes whose boxes (title bar included) overlap."""
+    errors, boxes = [], []
+    for node in workflow.get("nodes", []):
+        if not (_vector(node.get("pos"), 2) and _vector(node.get("size"), 2)):
+            continue
+        (x, y), (width, height) = node["pos"], node["size"]
+        slots = max(len(node.get("inputs", [])), len(node.get("outputs", [])))
+        linked_widgets = sum(1 for entry in node.get("inputs", []) if entry.get("widget"))
+        rows = max(0, len(node.get("widgets_values") or []) - linked_widgets)
+        needed = slots * SLOT_HEIGHT + rows * ROW_HEIGHT + 10
+        if node.get("type") != "MarkdownNote" and height < needed:
+            errors.append(f"node {node['id']} ({node['type']}) is {height} px tall; its {rows} widgets and {slots} "
+                          f"slot rows need {needed}")
+        boxes.append((node["id"], node["type"], x, y - TITLE_HEIGHT, x + width, y + height))
+    for i, (a_id, a_type, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b_id, b_type, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                errors.append(f"nodes {a_id} ({a_type}) and {b_id} ({b_type}) overlap")
+    return errors
+
+
 def accepts(input_type: str, link_type: str) -> bool:
     """Whether an input socket takes a link of `link_type` (sockets may list several types: 'A,B')."""
     return link_type in input_type.split(",")
@@ -172,7 +198,7 @@ def accepts(input_type: str, link_type: str) -> bool:
 
 def validate(workflow: dict, signatures: dict) -> list[str]:
     """All problems found (empty = valid): the frontend's zod rules, node types, widgets, links, ids."""
-    errors = zod_errors(workflow)
+    errors = zod_errors(workflow) + layout_errors(workflow)
     for key in ("last_node_id", "last_link_id", "nodes", "links", "version"):
         if key not in workflow:
             errors.append(f"missing top-level '{key}'")
