@@ -122,7 +122,9 @@ def test_pack_entry_point_and_registry_metadata():
     assert isinstance(module.NODE_CLASS_MAPPINGS, dict) and isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()
-    assert project["project"]["urls"]["Repository"] and project["tool"]["comfy"]["PublisherId"]
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["requires-comfyui"].startswith(">=") and comfy.get("Icon", "x")
+    assert "Apache License" in (ROOT / project["project"]["license"]["file"]).read_text()
     requirements = (ROOT / "requirements.txt").read_text().split()
     assert requirements == project["project"]["dependencies"]
     assert not any(r.startswith("torch") for r in requirements)

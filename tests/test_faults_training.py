@@ -5,6 +5,7 @@ built. Every case asserts one clear message, nothing lost, and that the run then
 uninterrupted one."""
 
 import json
+import re
 import resource
 import shutil
 import signal
@@ -14,8 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from refalign_core.errors import RefAlignInputError
 from refalign_core.toy.world import make_toy_world
+from refalign_core.training import load_training_config, train
 from test_train import ENV, ROOT, TRAIN, config, run, same_files
 
 pytestmark = pytest.mark.slow
@@ -76,19 +81,28 @@ def temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("marker, pattern", [
+CACHE_MARKERS = [  # in the order a build writes them
     ("fingerprint", r"fingerprint\.json$"),
     ("cache sample", r"samples/[0-9a-f]{24}\.safetensors$"),
     ("skip marker", r"\.skip\.json$"),
     ("cache index", r"index\.json$"),
-])
-def test_a_kill_at_each_cache_marker_resumes_with_nothing_to_delete(marker, pattern, data, straight, tmp_path):
+]
+
+
+def test_a_kill_at_each_cache_marker_in_turn_resumes_with_nothing_to_delete(data, straight, tmp_path):
+    """Each run picks up after the previous one's kill and is itself killed at the next marker's rename; the last
+    run finishes like the uninterrupted one."""
     cfg = settings(tmp_path, data, cache=tmp_path / "cache")
-    killed = killed_at_rename(pattern, ["--config", cfg, "--output-dir", tmp_path / "out"])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run(["--config", cfg, "--output-dir", tmp_path / "out", "--resume"])
+    args = ["--config", cfg, "--output-dir", tmp_path / "out", "--resume"]
+    for marker, pattern in CACHE_MARKERS:
+        killed = killed_at_rename(pattern, args)
+        assert killed.returncode == -signal.SIGKILL, (marker, killed.stderr[-2000:])
+        assert temps(tmp_path / "cache"), marker  # the killed writer's temp file is there
+    run(args)
     assert same_files(straight / "dit.safetensors", tmp_path / "out" / "dit.safetensors")
-    assert temps(tmp_path / "cache") == []  # the killed writer's temp file was cleaned up
+    assert temps(tmp_path / "cache") == []  # and cleaned up
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert len(index["samples"]) == 8 and index["skipped"] == 1
 
 
 def test_a_kill_at_the_checkpoint_rename_resumes_bit_exactly(data, straight, tmp_path):
@@ -174,10 +188,7 @@ def test_resume_falls_back_to_the_older_checkpoint_when_the_newest_is_cut(data, 
     ({"model": {"dit": "VAE"}}, "model.dit"),
     ({"alignment": {"init_projectors": "PROJECTORS"}}, "alignment.init_projectors"),
 ])
-def test_model_settings_are_checked_before_the_feature_cache(sections, message, data, straight, tmp_path):
-    from safetensors.torch import save_file
-    import torch
-
+def test_model_settings_are_checked_before_the_feature_cache(sections, message, data, tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "projectors.safetensors")
     for section in sections.values():
         for key, value in section.items():
@@ -186,15 +197,15 @@ def test_model_settings_are_checked_before_the_feature_cache(sections, message, 
             elif value == "PROJECTORS":
                 section[key] = str(tmp_path / "projectors.safetensors")
     cfg = settings(tmp_path, data, cache=tmp_path / "cache", **sections)
-    result = run(["--config", cfg, "--output-dir", tmp_path / "out"], expect=2)
-    assert message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(RefAlignInputError, match=re.escape(message)):
+        train(load_training_config(cfg), tmp_path / "out")
     assert not (tmp_path / "cache" / "samples").exists()  # nothing was encoded
 
 
 def test_an_image_above_the_decompression_bomb_limit_skips_its_clip(data, tmp_path):
     world = tmp_path / "world"
     shutil.copytree(data["manifest"].parent, world)
-    lines = (world / "manifest.jsonl").read_text().splitlines()
+    lines = (world / "manifest.jsonl").read_text().splitlines()[:2]
     huge = json.loads(lines[1])
     (world / "refs" / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
     huge["references"][0]["image"] = "refs/bomb.png"
@@ -202,8 +213,9 @@ def test_an_image_above_the_decompression_bomb_limit_skips_its_clip(data, tmp_pa
     cfg = settings(tmp_path, {"manifest": world / "manifest.jsonl"}, cache=tmp_path / "cache")
     run(["--config", cfg, "--output-dir", tmp_path / "out", "--cache-only"])
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
-    assert index["skipped"] == 2  # the broken video and the bomb; every other clip is cached
-    assert any("bomb.png" in source and "pixels" in reason for source, reason in index["skipped_examples"])
+    assert index["skipped"] == 1 and len(index["samples"]) == 2  # the bomb's clip only
+    assert any(source.endswith("manifest.jsonl:3") and "bomb.png" in reason and "400000000 pixels" in reason
+               for source, reason in index["skipped_examples"])
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from refalign_core.acceleration import attention_backend, set_attention_backend
 from refalign_core.caching import CACHES
@@ -130,6 +131,8 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     from refalign_core.lora import LoraSpec
     bundle = build_random_bundle(tmp_path / "bundle")
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "ref.png")
+    for name in ("a", "b"):  # the CLI checks the files exist; applying them is stubbed below
+        save_file({"x": torch.zeros(1)}, tmp_path / f"{name}.safetensors")
     seen = {}
     real_call = cli.RefAlignPipeline.__call__
 
@@ -144,13 +147,15 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     code = cli.main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", str(tmp_path / "ref.png"),
                      "--width", "32", "--height", "32", "--frames", "5", "--steps", "4", "--guidance-steps", "1",
                      "--cache", "first_block", "--cache-threshold", "0.2", "--text-kv-cache",
-                     "--lora", "a.safetensors:0.5", "--lora", "b.safetensors", "--attention-backend", "flash",
+                     "--lora", f"{tmp_path / 'a.safetensors'}:0.5", "--lora", str(tmp_path / "b.safetensors"),
+                     "--attention-backend", "flash",
                      "--compile", "--preview", str(tmp_path / "preview.png"),
                      "--save-latents", str(tmp_path / "l.safetensors")])
     assert code == 0
     s = seen["settings"]
     assert (s.guidance_steps, s.cache, s.cache_threshold, s.text_kv_cache) == (1, "first_block", 0.2, True)
-    assert applied == [LoraSpec("a.safetensors", 0.5), LoraSpec("b.safetensors", 1.0), "compiled"]
+    assert applied == [LoraSpec(str(tmp_path / "a.safetensors"), 0.5), LoraSpec(str(tmp_path / "b.safetensors"), 1.0),
+                       "compiled"]
     assert attention_backend(seen["dit"]) == "native"  # flash needs CUDA: fell back
     assert Image.open(tmp_path / "preview.png").size == (32, 32)
 

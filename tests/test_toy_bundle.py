@@ -23,8 +23,12 @@ def run_recipe(out: Path, *extra: str) -> tuple[dict, str]:
     return json.loads((out / "m" / "refalign_toy" / "recipe.json").read_text()), result.stdout
 
 
-def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
+def test_recipe_runs_end_to_end_at_a_tiny_scale_and_a_rerun_reuses_every_finished_stage(tmp_path):
     record, _ = run_recipe(tmp_path, "--ablation-models", str(tmp_path / "extra"))
+    again, log = run_recipe(tmp_path, "--ablation-models", str(tmp_path / "extra"))
+    assert all(f"{stage}: reusing" in log for stage in ("world", "autoencoders", "judge", "teacher"))
+    assert again["sha256"] == record["sha256"]  # the DiTs resume from their last checkpoint: the same files
+    assert again["wall_seconds"]["vae_s"] == record["wall_seconds"]["vae_s"]  # the time of the run that built it
     full = json.loads(json.dumps(__import__("make_toy_bundle").RECIPE))
     assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * 0.005))
     assert record["recipe"]["dit"] == full["dit"] and record["sha256"]
@@ -59,11 +63,3 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale(tmp_path):
                                             "attribute_pattern", "attribute_colours"}
     retrieval = result["representation"]["per_subject"]["toy teacher (teacher)"]["retrieval"]
     assert len(retrieval) == 24 and all(0 <= r <= 1 for r in retrieval)
-
-
-def test_a_rerun_in_the_same_work_folder_reuses_finished_stages_and_gives_the_same_files(tmp_path):
-    first, _ = run_recipe(tmp_path)
-    second, log = run_recipe(tmp_path)
-    assert all(f"{stage}: reusing" in log for stage in ("world", "autoencoders", "judge", "teacher"))
-    assert second["sha256"] == first["sha256"]
-    assert second["wall_seconds"]["vae_s"] == first["wall_seconds"]["vae_s"]  # the time of the run that built it
