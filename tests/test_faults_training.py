@@ -1,5 +1,5 @@
-"""Training under faults, each in a real process: SIGKILL at the exact rename of every "done" marker, a full disk
-for each writer (RLIMIT_FSIZE: writes past the limit fail as on a full disk), two runs on one output folder, a
+"""Training under faults: in real processes, SIGKILL at the exact rename of every "done" marker and a full disk for
+each writer (RLIMIT_FSIZE: writes past the limit fail as on a full disk); a second run on a held output folder, a
 `--resume` with nothing readable, and settings that are wrong for the model, each found before the feature cache is
 built. Every case asserts one clear message, nothing lost, and that the run then finishes bit for bit like an
 uninterrupted one."""
@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from refalign_core.errors import RefAlignInputError
+from refalign_core.files import OutputLock
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import load_training_config, train
 from test_train import ENV, ROOT, TRAIN, config, run, same_files
@@ -141,20 +141,15 @@ def test_a_full_disk_is_one_line_and_the_rerun_ends_bit_exactly(writer, limit, d
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(data, straight, tmp_path):
-    cfg = settings(tmp_path, data, train={"max_steps": 10_000, "checkpoint_every": 10_000})
-    first = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "out")], cwd=ROOT,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "out" / "log.csv").is_file() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        second = run(["--config", cfg, "--output-dir", tmp_path / "out", "--resume"], expect=2)
-        assert "--output-dir" in second.stderr and "is being written by process" in second.stderr
-        assert first.poll() is None  # the first run goes on
-    finally:
-        first.kill()
-        first.wait()
-    run(["--config", settings(tmp_path, data), "--output-dir", tmp_path / "out"])  # its lock went with it
+    out = tmp_path / "out"
+    cfg = settings(tmp_path, data)
+    with OutputLock(out, "--output-dir", folder=True, name=".lock-rank0"):  # a first run holds the folder
+        with pytest.raises(RefAlignInputError, match="--output-dir: .* is being written by process"):
+            train(load_training_config(cfg), out)
+        assert sorted(p.name for p in out.iterdir()) == [".lock-rank0"]  # the second run wrote nothing
+    run(["--config", cfg, "--output-dir", out])  # the first run's lock went with it
+    assert same_files(straight / "dit.safetensors", out / "dit.safetensors")
+    assert not (out / ".lock-rank0").exists()
 
 
 def test_resume_with_no_readable_checkpoint_stops_and_changes_nothing(data, straight, tmp_path):

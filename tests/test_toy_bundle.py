@@ -13,11 +13,12 @@ from refalign_core.pipeline import RefAlignPipeline
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
+SCALE = 0.002  # every step / clip count of the recipe times this (at least 2)
 
 
 def run_recipe(out: Path, *extra: str) -> tuple[dict, str]:
     result = subprocess.run([sys.executable, str(ROOT / "train" / "make_toy_bundle.py"), "--out", str(out / "m"),
-                             "--work", str(out / "w"), "--scale", "0.005", *extra], capture_output=True, text=True,
+                             "--work", str(out / "w"), "--scale", str(SCALE), *extra], capture_output=True, text=True,
                             cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / "m" / "refalign_toy" / "recipe.json").read_text()), result.stdout
@@ -30,7 +31,7 @@ def test_recipe_runs_end_to_end_at_a_tiny_scale_and_a_rerun_reuses_every_finishe
     assert again["sha256"] == record["sha256"]  # the DiTs resume from their last checkpoint: the same files
     assert again["wall_seconds"]["vae_s"] == record["wall_seconds"]["vae_s"]  # the time of the run that built it
     full = json.loads(json.dumps(__import__("make_toy_bundle").RECIPE))
-    assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * 0.005))
+    assert record["recipe"]["train"]["max_steps"] == max(2, int(full["train"]["max_steps"] * SCALE))
     assert record["recipe"]["dit"] == full["dit"] and record["sha256"]
     assert {"judge.safetensors", "teacher.safetensors"} <= set(record["sha256"])
     assert set(record["teachers"]) == {"toy teacher", "efficientnet-lite0"}
