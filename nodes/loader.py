@@ -10,7 +10,7 @@ import torch
 
 from ..refalign_core.acceleration import ATTENTION_BACKENDS, compile_blocks, set_attention_backend
 from ..refalign_core.bundles import embedded_bundles, read_bundle
-from ..refalign_core.checkpoint import load_dit
+from ..refalign_core.checkpoint import DTYPES, load_dit
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.lora import LoraSpec, apply_loras
 from ..refalign_core.pipeline import DiTDenoiser, VAECodec
@@ -19,9 +19,8 @@ from ..refalign_core.text_encoder import TextEncoder, encode_prompts, load_text_
 from ..refalign_core.vae import load_vae
 from . import runtime
 
-WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "fp8_e4m3fn": torch.float8_e4m3fn}
-COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = {"default": None, **DTYPES}
+COMPUTE_DTYPES = {"auto": None, **{name: DTYPES[name] for name in ("fp32", "bf16", "fp16")}}
 OFFLOAD = ["comfy_managed", "block_swap", "none"]
 NO_LORA = "none"
 LORA_SLOTS = 3

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .acceleration import ATTENTION_BACKENDS
 from .caching import CACHES
-from .checkpoint import read_dit_header
+from .checkpoint import DTYPES, read_dit_header
 from .errors import RefAlignInputError, run_command
 from .files import OutputLock, write_atomic
 from .lora import LoraSpec
@@ -29,7 +29,6 @@ from .text_encoder import WAN_NEGATIVE_PROMPT, check_prompt_text, encode_prompts
 from .vae import load_vae
 from .video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
 
 
 def _progress_callback(bar):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from ..checkpoint import CONFIG_METADATA_KEY, apply_layerwise_casting, diffusers_to_original_key, load_dit, \
+from ..checkpoint import CONFIG_METADATA_KEY, DTYPES, apply_layerwise_casting, diffusers_to_original_key, load_dit, \
     validated_original
 from ..errors import RefAlignInputError
 from ..paths import check_output_folder
@@ -43,7 +43,7 @@ from .previews import Previews, encode_preview_inputs, read_identity_log, read_s
 
 logger = logging.getLogger("refalign.train")
 LOG_COLUMNS = ["step", "loss", "fm", "ra_pos", "ra_neg", "ra_gated", "lr", "timestep", "batch", "seconds"]
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+WEIGHT_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp8_e4m3fn")}  # memory.base_weights
 
 
 @dataclass
