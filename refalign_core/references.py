@@ -10,6 +10,7 @@ import torch
 import kornia
 
 from .errors import RefAlignInputError
+from .sampler import SIZE_MULTIPLE, is_video_size
 from .vae import encode_video
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,9 @@ def prepare_references(references, width: int, height: int, max_references: int 
         raise RefAlignInputError("references: at least one reference image is needed")
     if max_references is not None and len(references) > max_references:
         raise RefAlignInputError(f"references: at most {max_references} are supported, got {len(references)}")
-    if width % 16 or height % 16:
-        raise RefAlignInputError(f"width and height must be multiples of 16, got {width}x{height}")
+    if not (is_video_size(width) and is_video_size(height)):
+        raise RefAlignInputError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, got "
+                                 f"{width}x{height}")
     if len(references) > RECOMMENDED_MAX_REFERENCES:
         logger.warning("%d references: the released RefAlign models were trained with at most %d; identity may "
                        "suffer", len(references), RECOMMENDED_MAX_REFERENCES)

@@ -59,6 +59,17 @@ def _float(name, value, minimum=None, exclusive_minimum=False, maximum=None):
     return float(value)
 
 
+SIZE_MULTIPLE = 16  # pixels: the DiT's 2×2 patches over the VAE's 8× downsampling
+FRAMES_PER_LATENT = 4  # the VAE's time compression: a video has 4n+1 frames
+
+
+def is_video_size(pixels: int) -> bool:
+    return pixels >= SIZE_MULTIPLE and pixels % SIZE_MULTIPLE == 0
+
+
+def is_frame_count(frames: int) -> bool:
+    return frames >= 1 and (frames - 1) % FRAMES_PER_LATENT == 0
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """Everything that decides a generation besides the model, prompt and references. Defaults follow the official
@@ -84,12 +95,12 @@ class SamplingSettings:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         for name in ("width", "height"):
             value = _int(name, getattr(self, name))
-            if value < 16 or value % 16:
-                raise RefAlignInputError(f"width and height must be positive multiples of 16, got "
+            if not is_video_size(value):
+                raise RefAlignInputError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, got "
                                          f"{self.width}x{self.height}")
             set_(name, value)
         frames = _int("num_frames", self.num_frames, 1)
-        if (frames - 1) % 4:
+        if not is_frame_count(frames):
             raise RefAlignInputError(f"length must be 4n+1 frames (1, 5, …, 81), got {frames}")
         set_("num_frames", frames)
         set_("steps", _int("steps", self.steps, 1, 10_000))

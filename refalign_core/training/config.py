@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from ..errors import RefAlignInputError
+from ..sampler import SIZE_MULTIPLE, is_frame_count, is_video_size
 
 DATASET_FORMATS = ("jsonl", "folder", "opens2v")
 
@@ -84,12 +85,13 @@ class BucketConfig:
         if not self.sizes:
             _fail(source, f"{path}.sizes", "needs at least one [width, height]")
         for i, size in enumerate(self.sizes):
-            if len(size) != 2 or any(s < 16 or s % 16 for s in size):
-                _fail(source, f"{path}.sizes[{i}]", f"must be [width, height], positive multiples of 16, got {size}")
+            if len(size) != 2 or not all(is_video_size(s) for s in size):
+                _fail(source, f"{path}.sizes[{i}]", f"must be [width, height], positive multiples of {SIZE_MULTIPLE}, "
+                      f"got {size}")
         if not self.frames:
             _fail(source, f"{path}.frames", "needs at least one frame count")
         for i, frames in enumerate(self.frames):
-            if frames < 1 or (frames - 1) % 4:
+            if not is_frame_count(frames):
                 _fail(source, f"{path}.frames[{i}]", f"must be 4n+1 (1, 5, …, 81), got {frames}")
 
 
