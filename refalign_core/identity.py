@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RefAlignInputError
-from .references import fit_on_white, to_chw
+from .references import as_references, fit_on_white, to_chw
 from .video_io import to_uint8_frames
 
 
@@ -221,13 +221,15 @@ def _subject_template(reference: torch.Tensor) -> tuple[np.ndarray, torch.Tensor
 def check_identity(references, frames: torch.Tensor, embedder, masks=None, names=None,
                    settings: IdentitySettings | None = None, backbone_name: str = "custom",
                    face_embedder=None) -> IdentityReport:
-    """references: 1..K images (any form `fit_on_white` takes); frames `[T, H, W, 3]` float in [0, 1] (or uint8);
+    """references: 1..K images (any form `fit_on_white` takes) or `Reference`s; frames `[T, H, W, 3]` float in [0, 1] (or uint8);
     embedder: images -> grid tokens. Returns the per-subject report."""
     settings = settings or IdentitySettings()
-    if torch.is_tensor(references) and references.ndim == 3:
-        raise RefAlignInputError("identity check: references must be a list of images (or a batch [K,H,W,C]); one "
-                                 f"[H,W,C] tensor of shape {tuple(references.shape)} would read as H references")
-    references = list(references)
+    records = as_references(references)  # `Reference`s bring their mask and name where none are given
+    references = [record.image for record in records]
+    if masks is None and any(record.mask is not None for record in records):
+        masks = [record.mask for record in records]
+    if names is None and any(record.name for record in records):
+        names = [record.name or f"subject {i + 1}" for i, record in enumerate(records)]
     if not references:
         raise RefAlignInputError("identity check: at least one reference image is needed")
     if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:

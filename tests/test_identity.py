@@ -126,3 +126,17 @@ def test_eval_cli_scores_cases_and_reports_a_missing_video(vfm, tmp_path):
     assert (tmp_path / "report" / "sheets" / "good.png").is_file()
     assert json.loads((tmp_path / "report" / "cases" / "mixed.json").read_text())["confusion_flags"]
     assert "**mean**" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_reference_records_bring_their_mask_and_name(vfm):
+    image = torch.ones(32, 32, 3)
+    image[8:24, 8:24] = torch.tensor([1.0, 0.0, 0.0])
+    mask = torch.zeros(32, 32)
+    mask[8:24, 8:24] = 1
+    frames = torch.rand(3, 64, 64, 3)
+    from refalign_core.references import Reference
+    recorded = check_identity([Reference(image, mask, "red square")], frames, vfm)
+    explicit = check_identity([image], frames, vfm, masks=[mask], names=["red square"])
+    assert [s.name for s in recorded.subjects] == ["red square"]
+    assert recorded.subjects[0].mean == explicit.subjects[0].mean  # the same mask was used
+    assert check_identity([image], frames, vfm).subjects[0].mean != explicit.subjects[0].mean
