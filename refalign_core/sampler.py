@@ -23,7 +23,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from .caching import CACHES, MagCalibration, cache_config, dit_cache
-from .errors import RefAlignInputError
+from .errors import RefAlignInputError, first_non_finite
+from .lora import applied_loras
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +221,6 @@ def run_schedule(scheduler, latents: torch.Tensor, velocity: Velocity, *, callba
     return latents
 
 
-def first_non_finite(module: torch.nn.Module) -> str | None:
-    """The name of the module's first parameter holding NaN or inf (fp8 ones read in fp32), or None."""
-    for name, param in module.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param.float().sum())):
-            return name
-    return None
-
-
 PASS_NAMES = ("uncond", "image", "text")
 
 
@@ -381,7 +374,6 @@ def sample_r2v(
     schedule = {three: _guidance_passes(*texts, settings, three) for three in (True, False)}
 
     def diagnose() -> str:
-        from .lora import applied_loras
         broken = first_non_finite(dit)
         if broken is not None:
             return f"the DiT weight {broken} has NaN or infinite values (a broken checkpoint or LoRA)"
@@ -408,7 +400,6 @@ def sample_r2v(
 def _cache_config(dit, settings: SamplingSettings, run, cancel_check=None):
     mag_ratios = None
     if settings.cache == "magcache":
-        from .lora import applied_loras
         memo = dit.__dict__.setdefault("_refalign_mag_ratios", {})
         # the ratios belong to these weights (LoRAs included) and this schedule
         key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps, tuple(applied_loras(dit)))

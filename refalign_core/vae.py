@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from .errors import RefAlignInputError
+from .errors import RefAlignInputError, first_non_finite
 from .safetensors_io import read_safetensors, write_safetensors
 
 WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"
@@ -167,7 +167,6 @@ def _check_finite(vae: torch.nn.Module, output: torch.Tensor, what: str, given: 
     """A VAE output with NaN / inf is refused, naming a broken weight when there is one, else the input's range."""
     if bool(torch.isfinite(output).all()):
         return
-    from .sampler import first_non_finite
     broken = first_non_finite(vae)
     cause = (f"its weight {broken} has NaN or infinite values" if broken is not None else
              f"its input's largest |value| is {float(given.abs().max()):.3g}")
