@@ -20,7 +20,8 @@ from .files import OutputLock, write_atomic
 from .lora import LoraSpec
 from .bundles import DEFAULT_FPS, Bundle, read_bundle
 from .paths import check_output_folder
-from .pipeline import RefAlignPipeline, check_memory, memory_estimate
+from .memory import check_memory, memory_estimate
+from .pipeline import RefAlignPipeline
 from .references import MAX_REFERENCES, Reference, encode_references, prepare_references
 from .safetensors_io import read_safetensors, write_safetensors
 from .sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,

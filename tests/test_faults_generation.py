@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import refalign_core.__main__ as cli_module
-import refalign_core.pipeline as pipeline_module
+import refalign_core.memory as memory_module
 from refalign_core.__main__ import main as cli
 from refalign_core.checkpoint import load_dit
 from refalign_core.errors import RefAlignInputError
@@ -258,7 +258,7 @@ def test_fault_is_one_clear_error_and_writes_nothing(case, inputs, tmp_path, cap
 
 
 def test_a_run_past_free_memory_is_refused_with_the_numbers(inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline_module, "available_memory", lambda device="cpu": 1_000_000)
+    monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": 1_000_000)
     monkeypatch.setattr(cli_module, "_load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     code = cli(["generate", "--bundle", str(TOY), "--prompt", "a disc", "--ref", str(inputs / "ref.png"),
                 "--out", str(tmp_path / "v.mp4")])
