@@ -1,7 +1,8 @@
 """Fewer DiT evaluations: diffusers' cache hooks (FirstBlockCache, MagCache, TaylorSeer) on our DiT, one cache
 state per guidance pass (`dit.cache_context(pass name)`), and MagCache calibration on our own model.
 
-The exact text K/V cache is not here: it lives in the cross-attention processor (`transformer_refalign.py`)."""
+The exact text K/V cache is not here: it is `TextKVCache` (`transformer_refalign.py`), which the sampler run owns
+and passes to the DiT's forward."""
 
 import contextlib
 import logging

@@ -47,15 +47,18 @@ class VideoCodec(Protocol):
 
 @dataclass
 class DiTDenoiser:
-    """Our reference DiT sampled by `sample_r2v`; text is `(prompt_embeds, negative_prompt_embeds)`."""
+    """Our reference DiT sampled by `sample_r2v`; text is `(prompt_embeds, negative_prompt_embeds)`.
+    mag_ratio_memo: MagCache calibrations to reuse (see `sample_r2v`); None: each run calibrates its own."""
 
     dit: torch.nn.Module
     batch_passes: bool = True
+    mag_ratio_memo: dict | None = None
 
     def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
         prompt_embeds, negative_embeds = text
         return sample_r2v(self.dit, prompt_embeds, negative_embeds, reference_latents, settings,
-                          batch_passes=self.batch_passes, callback=callback, cancel_check=cancel_check)
+                          batch_passes=self.batch_passes, callback=callback, cancel_check=cancel_check,
+                          mag_ratio_memo=self.mag_ratio_memo)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class RefAlignPipeline:
     text_encoder: TextEncoder | None = None
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     fps: float = DEFAULT_FPS
+    mag_ratio_memo: dict = field(default_factory=dict, repr=False)  # MagCache calibrations of this pipeline's DiT
 
     @classmethod
     def from_files(cls, dit, vae=None, text_encoder=None, *, compute_dtype=torch.float32, weight_dtype=None,
@@ -188,6 +192,7 @@ class RefAlignPipeline:
                                                decode=decode and self.vae is not None, batch_passes=batch_passes,
                                                device=str(weight.device)), count, str(weight.device))
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        return generate(DiTDenoiser(self.dit, batch_passes), VAECodec(self.vae) if self.vae is not None else None,
-                        text, settings, references=references, reference_latents=reference_latents,
-                        callback=callback, cancel_check=cancel_check, decode=decode)
+        codec = VAECodec(self.vae) if self.vae is not None else None
+        return generate(DiTDenoiser(self.dit, batch_passes, self.mag_ratio_memo), codec, text, settings,
+                        references=references, reference_latents=reference_latents, callback=callback,
+                        cancel_check=cancel_check, decode=decode)

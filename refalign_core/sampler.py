@@ -6,7 +6,8 @@ u: negative prompt + zeroed references, c_img: negative prompt + references, c_t
 
 Fewer DiT evaluations: `guidance_steps` = n runs the three passes for the first n steps and then c_txt alone (for
 step-distill LoRAs, which are trained for one pass); `cache` puts a diffusers cache hook on the DiT with one state
-per pass; `text_kv_cache` reuses each pass's text keys / values over the steps (exact).
+per pass; `text_kv_cache` reuses each pass's text keys / values over the steps (exact). The text K/V caches belong
+to one run and the MagCache ratios to their caller (`mag_ratio_memo`); the DiT keeps neither.
 
 `SamplingSettings` holds every sampling choice (defaults once, validated once); `run_schedule` is the one denoising
 loop, shared by the core sampler (`sample_r2v`) and the ComfyUI-native sampler in `nodes/`."""
@@ -25,6 +26,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from .caching import CACHES, MagCalibration, cache_config, dit_cache
 from .errors import RefAlignInputError, first_non_finite
 from .lora import applied_loras
+from .transformer_refalign import TextKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +260,8 @@ def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, settings
 
 class _Velocity:
     """Runs a step's guidance passes, batched into one forward per reference shape when `batch_passes` (one pass
-    per forward with a cache hook, which keeps a state per pass, and after an out-of-memory error)."""
+    per forward with a cache hook, which keeps a state per pass, and after an out-of-memory error). One per run: it
+    owns the run's text K/V caches (with `text_kv_cache`), one per forward's group of passes."""
 
     def __init__(self, dit, schedule: dict[bool, list[_Pass]], settings: SamplingSettings, batch_passes: bool,
                  calibration: MagCalibration | None = None):
@@ -266,6 +269,7 @@ class _Velocity:
         self.cached = settings.cache != "none"
         self.batch = batch_passes and not self.cached
         self.step = 0
+        self.text_kv: dict[str, TextKVCache] | None = {} if settings.text_kv_cache else None
         self.dtype = dit.patch_embedding.weight.dtype
         self.device = dit.patch_embedding.weight.device
 
@@ -281,7 +285,7 @@ class _Velocity:
                 timestep.to(self.device).expand(n),
                 torch.cat([p.text for p in group]).to(self.device, self.dtype),
                 reference_latents=torch.cat([p.references for p in group]).to(self.device, self.dtype),
-                text_kv_key=name if self.settings.text_kv_cache else None,
+                text_kv=None if self.text_kv is None else self.text_kv.setdefault(name, TextKVCache()),
             ).sample
         return list(out.float().cpu().split(1))
 
@@ -361,11 +365,15 @@ def sample_r2v(
     batch_passes: bool = True,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancel_check: Callable[[], bool] | None = None,
+    mag_ratio_memo: dict | None = None,
 ) -> torch.Tensor:
     """Generate video latents `[1, 16, (F−1)/4+1, H/8, W/8]` (fp32, CPU) with our DiT.
 
     prompt_embeds / negative_prompt_embeds: `[1, L, text_dim]`; reference_latents: clean `[1, 16, K, H/8, W/8]`.
-    callback(step, steps, latents) runs after every step; cancel_check() before every step (True cancels)."""
+    callback(step, steps, latents) runs after every step; cancel_check() before every step (True cancels).
+    mag_ratio_memo: MagCache ratios calibrated on this DiT, by schedule and LoRAs, filled here; a caller that keeps
+    it across runs calibrates once (None: calibrate for this run only)."""
+    mag_ratio_memo = {} if mag_ratio_memo is None else mag_ratio_memo
     check_reference_latents(reference_latents, settings, dit.config.in_channels)
     check_positions(settings, dit.config, reference_latents.shape[2])
     check_text_embeddings({"prompt embeddings": prompt_embeds, "negative prompt embeddings": negative_prompt_embeds},
@@ -387,25 +395,21 @@ def sample_r2v(
         scheduler = make_scheduler(run_settings.sampler, run_settings.steps, run_settings.shift)
         latents = initial_noise(run_settings.latent_shape(dit.config.in_channels), run_settings.seed)
         velocity = _Velocity(dit, schedule, run_settings, batch_passes and calibration is None, calibration)
-        try:
-            with dit_cache(dit, _cache_config(dit, run_settings, run, cancel_check)):
-                return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check,
-                                    diagnose=diagnose)
-        finally:
-            dit.clear_text_kv_cache()
+        with dit_cache(dit, _cache_config(dit, run_settings, run, mag_ratio_memo, cancel_check)):
+            return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check,
+                                diagnose=diagnose)
 
     return run(settings, callback, cancel_check)
 
 
-def _cache_config(dit, settings: SamplingSettings, run, cancel_check=None):
+def _cache_config(dit, settings: SamplingSettings, run, memo: dict, cancel_check=None):
     mag_ratios = None
     if settings.cache == "magcache":
-        memo = dit.__dict__.setdefault("_refalign_mag_ratios", {})
         # the ratios belong to these weights (LoRAs included) and this schedule
         key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps, tuple(applied_loras(dit)))
         if key not in memo:
             logger.warning("MagCache: calibrating its magnitude ratios on this model (one uncached run of %d steps; "
-                           "kept for this model and schedule)", settings.steps)
+                           "kept in mag_ratio_memo for this schedule)", settings.steps)
             calibration = MagCalibration(dit)
             try:
                 run(settings.replace(cache="none", text_kv_cache=False), cancel_check=cancel_check,

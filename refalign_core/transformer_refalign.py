@@ -10,15 +10,19 @@ same `patch_embedding` and processed with shared weights. Compared with plain Wa
 
 There are no new parameters: a RefAlign checkpoint has exactly the Wan2.1 T2V key set.
 
-`RefAlignTransformer3DModel.forward` is adapted from `WanTransformer3DModel.forward` of diffusers 0.42.1 (its
-source hash is pinned in `PARENT_FORWARD_SHA256`; `tests/test_transformer.py` fails when it changes). Our four
-changes: (1) the reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block runs
-with the reference-token count passed to its cross-attention processor (and, for a padded training batch, the
-padded references' key mask to its self-attention processor); (3) the reference tokens' residual stream is returned
-for the blocks asked for (training); (4) only the video tokens enter the head. Not carried over: Wan2.2 per-token
-timesteps and the I2V image embeddings (this is a T2V DiT).
+`RefAlignTransformer3DModel.forward` and `RefAlignTransformerBlock.forward` are adapted from diffusers 0.42.1's
+`WanTransformer3DModel.forward` and `WanTransformerBlock.forward` (their source hashes are pinned in
+`PARENT_SOURCE_SHA256`; `tests/test_transformer.py` fails when one changes). Changes to the model forward: (1) the
+reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block gets this call's
+reference-token count, the padded references' key mask (training) and its text K/V cache entry as arguments; (3) the
+reference tokens' residual stream is returned for the blocks asked for (training); (4) only the video tokens enter the
+head. Changes to the block forward: the key mask goes to the self-attention as its `attention_mask`, the
+reference-token count and text K/V entry to the cross-attention as keyword arguments. Nothing of a call is stored on
+the model or its processors. Not carried over: Wan2.2 per-token timesteps and the I2V image embeddings (this is a T2V
+DiT).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -27,74 +31,110 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_outputs import BaseOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel
+from diffusers.hooks._helpers import TransformerBlockRegistry
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel, WanTransformerBlock
 from diffusers.utils import apply_lora_scale
 
-PARENT_FORWARD_SHA256 = "9f81a7225288656f1fa424fbd502206d5d242bad2bda9e11e2571eb5bf25ed30"
+PARENT_SOURCE_SHA256 = {
+    "WanTransformer3DModel.forward": "9f81a7225288656f1fa424fbd502206d5d242bad2bda9e11e2571eb5bf25ed30",
+    "WanTransformerBlock.forward": "21c15441b009932c886757e6fee7875fa866ce1bc2746743cadec3f6c1ad865d",
+}
+
+
+@dataclass
+class BlockTextKV:
+    """One block's text keys and values, each `[B, L_text, heads, head_dim]`; None until its cross-attention ran."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+class TextKVCache:
+    """The cross-attention text K/V of one `encoder_hidden_states`, per block: computed by the first forward given
+    this cache, reused by the later ones (exact). Its owner keeps it while the prompt embeddings stay the same (the
+    sampler: one per guidance pass, for one run). Objects, not dicts: device hooks copy the dicts they move."""
+
+    def __init__(self):
+        self.blocks: dict[int, BlockTextKV] = {}
+
+    def block(self, index: int) -> BlockTextKV:
+        return self.blocks.setdefault(index, BlockTextKV())
 
 
 class VideoOnlyCrossAttnProcessor(WanAttnProcessor):
     """Wan cross-attention applied to the leading video tokens only.
 
-    `num_reference_tokens` trailing tokens get a zero update, so the block's residual leaves them unchanged. The
-    model sets it right before calling the block (inside the checkpointed function, so recomputation sees it too).
+    `num_reference_tokens` trailing tokens get a zero update, so the block's residual leaves them unchanged.
+    `text_kv`: the block's entry of a `TextKVCache`; its text keys and values (to_k / to_v / norm_k of the prompt
+    embeddings) are computed on the first call and reused after. Both come with each call (from the block)."""
 
-    Text K/V cache (exact): with `text_kv_key` set, the text keys and values (to_k / to_v / norm_k of the prompt
-    embeddings, constant over a sampling run) are computed once per key and reused; the sampler keys them by
-    guidance pass and clears them after the run (`RefAlignTransformer3DModel.clear_text_kv_cache`).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.num_reference_tokens = 0
-        self.text_kv_key = None
-        self.text_kv = {}
-
-    def _text_key_value(self, attn, encoder_hidden_states):
-        if self.text_kv_key is not None and self.text_kv_key in self.text_kv:
-            return self.text_kv[self.text_kv_key]
+    def _text_key_value(self, attn, encoder_hidden_states, text_kv: BlockTextKV | None):
+        if text_kv is not None and text_kv.key is not None:
+            return text_kv.key, text_kv.value
         key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if self.text_kv_key is not None:
-            self.text_kv[self.text_kv_key] = (key, value)
+        if text_kv is not None:
+            text_kv.key, text_kv.value = key, value
         return key, value
 
-    def _cross_attention(self, attn, hidden_states, encoder_hidden_states):
+    def _cross_attention(self, attn, hidden_states, encoder_hidden_states, text_kv):
         """Wan2.1 T2V text cross-attention (no RoPE, no mask, no image branch), with the text K/V cache."""
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key, value = self._text_key_value(attn, encoder_hidden_states)
+        key, value = self._text_key_value(attn, encoder_hidden_states, text_kv)
         out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=None)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 num_reference_tokens: int = 0, text_kv: BlockTextKV | None = None):
         if attn.add_k_proj is not None or attn.fused_projections or attention_mask is not None or \
                 rotary_emb is not None:
             raise ValueError("VideoOnlyCrossAttnProcessor is for Wan2.1 T2V cross-attention (unfused, no image "
                              "branch, no mask, no RoPE)")
-        n_ref = self.num_reference_tokens
-        if n_ref == 0:
-            return self._cross_attention(attn, hidden_states, encoder_hidden_states)
-        video = self._cross_attention(attn, hidden_states[:, :-n_ref], encoder_hidden_states)
-        return F.pad(video, (0, 0, 0, n_ref))
+        if num_reference_tokens == 0:
+            return self._cross_attention(attn, hidden_states, encoder_hidden_states, text_kv)
+        video = self._cross_attention(attn, hidden_states[:, :-num_reference_tokens], encoder_hidden_states, text_kv)
+        return F.pad(video, (0, 0, 0, num_reference_tokens))
 
 
-class ReferenceMaskedSelfAttnProcessor(WanAttnProcessor):
-    """Wan self-attention whose keys skip padded reference tokens.
+class RefAlignTransformerBlock(WanTransformerBlock):
+    """`WanTransformerBlock` (same parameters) whose forward passes this call's reference arguments to its
+    attention. The model's blocks are built by the parent's `__init__` and take this class (nothing is rebuilt)."""
 
-    A training batch whose samples have different numbers of references is padded to the largest K; `key_mask`
-    `[B, 1, 1, L]` (True = attend) keeps every sample's tokens from attending to its padding, so each sample's
-    output equals its unpadded forward. None (the default, and always at inference) is plain Wan self-attention."""
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: tuple[torch.Tensor, torch.Tensor], *, num_reference_tokens: int = 0,
+                key_mask: torch.Tensor | None = None, text_kv: BlockTextKV | None = None) -> torch.Tensor:
+        """hidden_states: video then reference tokens `[B, L, dim]`; encoder_hidden_states: `[B, L_text, dim]`;
+        temb: `[B, 6, dim]`; rotary_emb: (cos, sin), each `[1, L, 1, head_dim]`.
+        num_reference_tokens: trailing tokens the cross-attention leaves unchanged.
+        key_mask: `[B, 1, 1, L]` bool self-attention keys (True = attend), or None: all.
+        text_kv: this block's text K/V cache entry, or None: computed and not kept."""
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
 
-    def __init__(self):
-        super().__init__()
-        self.key_mask = None
+        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        attn_output = self.attn1(norm_hidden_states, None, key_mask, rotary_emb)
+        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if self.key_mask is not None:
-            attention_mask = self.key_mask
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states, None, None,
+                                 num_reference_tokens=num_reference_tokens, text_kv=text_kv)
+        hidden_states = hidden_states + attn_output
+
+        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
+            hidden_states
+        )
+        ff_output = self.ffn(norm_hidden_states)
+        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+# diffusers' cache hooks (FirstBlockCache, MagCache) look a block's metadata up by its exact class
+TransformerBlockRegistry.register(
+    RefAlignTransformerBlock,
+    dataclasses.replace(TransformerBlockRegistry.get(WanTransformerBlock), _cached_parameter_indices=None),
+)
 
 
 @dataclass
@@ -107,27 +147,6 @@ class RefAlignTransformerOutput(BaseOutput):
     reference_features: dict[int, torch.Tensor] | None = None
 
 
-def _run_block(block, num_reference_tokens, text_kv_key, key_mask, hidden_states, encoder_hidden_states,
-               timestep_proj, rotary_emb):
-    processor, self_processor = block.attn2.processor, block.attn1.processor
-    if not isinstance(processor, VideoOnlyCrossAttnProcessor):
-        raise RuntimeError(
-            "a block's cross-attention processor was replaced; RefAlign needs VideoOnlyCrossAttnProcessor there "
-            "(use set_attention_backend to change the attention backend)"
-        )
-    processor.num_reference_tokens, processor.text_kv_key = num_reference_tokens, text_kv_key
-    if key_mask is not None:
-        if not isinstance(self_processor, ReferenceMaskedSelfAttnProcessor):
-            raise RuntimeError("a block's self-attention processor was replaced; a padded reference batch needs "
-                               "ReferenceMaskedSelfAttnProcessor there")
-        self_processor.key_mask = key_mask
-    try:
-        return block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
-    finally:
-        if key_mask is not None:
-            self_processor.key_mask = None
-
-
 class RefAlignTransformer3DModel(WanTransformer3DModel):
     """Wan2.1 T2V DiT that takes clean reference latents as extra trailing frames (see module docstring)."""
 
@@ -136,13 +155,15 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
     # sequence does not tell it: no context-parallel plan (enable_parallelism refuses), rather than a silently wrong
     # one.
     _cp_plan = None
+    _no_split_modules = ["RefAlignTransformerBlock"]
+    _repeated_blocks = ["RefAlignTransformerBlock"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.config.image_dim is not None or self.config.added_kv_proj_dim is not None:
             raise ValueError("RefAlign is a text-to-video DiT: image_dim / added_kv_proj_dim (I2V) are not supported")
         for block in self.blocks:
-            block.attn1.set_processor(ReferenceMaskedSelfAttnProcessor())
+            block.__class__ = RefAlignTransformerBlock
             block.attn2.set_processor(VideoOnlyCrossAttnProcessor())
 
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -183,9 +204,13 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         references = reference_mask.to(device).repeat_interleave(tokens_per_reference, dim=1)
         return torch.cat([video, references], dim=1)[:, None, None, :]
 
-    def clear_text_kv_cache(self) -> None:
+    def _check_processors(self) -> None:
         for block in self.blocks:
-            block.attn2.processor.text_kv.clear()
+            if not isinstance(block.attn2.processor, VideoOnlyCrossAttnProcessor):
+                raise RuntimeError(
+                    "a block's cross-attention processor was replaced; RefAlign needs VideoOnlyCrossAttnProcessor "
+                    "there (use set_attention_backend to change the attention backend)"
+                )
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -197,7 +222,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         reference_feature_blocks: Sequence[int] | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
-        text_kv_key: str | None = None,
+        text_kv: TextKVCache | None = None,
         reference_mask: torch.Tensor | None = None,
     ) -> RefAlignTransformerOutput | tuple:
         """
@@ -206,11 +231,12 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         encoder_hidden_states: text embeddings `[B, L_text, text_dim]`.
         reference_latents: clean reference latents `[B, C, K, H, W]` (K may be 0), or None.
         reference_feature_blocks: block indices whose reference-token output to return (training).
-        text_kv_key: reuse the text K/V cached under this key (same `encoder_hidden_states` as when it was cached).
+        text_kv: the caller's text K/V cache for these `encoder_hidden_states`: filled on first use, reused after.
         reference_mask: `[B, K]` bool, False for padding frames of a batch whose samples have fewer than K
             references (training); their tokens are hidden from every self-attention key. None: all are real.
         """
         self._check_inputs(hidden_states, timestep, encoder_hidden_states)
+        self._check_processors()
         batch_size, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         if reference_latents is not None and reference_latents.shape[2] > 0:
@@ -247,7 +273,8 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         wanted = set(reference_feature_blocks or ())
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
         for index, block in enumerate(self.blocks):
-            run = partial(_run_block, block, num_reference_tokens, text_kv_key, key_mask)
+            run = partial(block, num_reference_tokens=num_reference_tokens, key_mask=key_mask,
+                          text_kv=None if text_kv is None else text_kv.block(index))
             args = (hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
             hidden_states = self._gradient_checkpointing_func(run, *args) if checkpointing else run(*args)
             if index in wanted:

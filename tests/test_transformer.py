@@ -166,16 +166,19 @@ def test_replacing_the_cross_attention_processor_is_refused(dit):
         raise AssertionError("a plain processor would let references cross-attend to the text")
 
 
-def test_parent_forward_is_the_reviewed_one():
-    """Our forward is adapted from WanTransformer3DModel.forward; a diffusers upgrade that changes it must be
-    reviewed (port the change, then update PARENT_FORWARD_SHA256)."""
+@pytest.mark.parametrize("name", ["WanTransformer3DModel.forward", "WanTransformerBlock.forward"])
+def test_parent_source_is_the_reviewed_one(name):
+    """Our model and block forwards are adapted from diffusers'; a diffusers upgrade that changes either must be
+    reviewed (port the change, then update PARENT_SOURCE_SHA256)."""
     import hashlib
     import inspect
 
-    from refalign_core.transformer_refalign import PARENT_FORWARD_SHA256
-    source = inspect.getsource(WanTransformer3DModel.forward)
-    assert hashlib.sha256(source.encode()).hexdigest() == PARENT_FORWARD_SHA256, \
-        "diffusers' WanTransformer3DModel.forward changed: review it against RefAlignTransformer3DModel.forward"
+    from diffusers.models.transformers import transformer_wan
+    from refalign_core.transformer_refalign import PARENT_SOURCE_SHA256
+    owner, method = name.split(".")
+    source = inspect.getsource(getattr(getattr(transformer_wan, owner), method))
+    assert hashlib.sha256(source.encode()).hexdigest() == PARENT_SOURCE_SHA256[name], \
+        f"diffusers' {name} changed: review it against ours in transformer_refalign.py"
 
 
 def test_there_is_no_context_parallel_plan(dit):
@@ -183,18 +186,21 @@ def test_there_is_no_context_parallel_plan(dit):
 
 
 @torch.no_grad()
-def test_text_kv_cache_is_bit_identical_and_keyed(dit):
+def test_text_kv_cache_is_bit_identical_and_owned_by_the_caller(dit):
+    from refalign_core.transformer_refalign import TextKVCache
     x, t, text, refs = video_inputs()
     uncached = dit(x, t, text, reference_latents=refs).sample
-    first = dit(x, t, text, reference_latents=refs, text_kv_key="cond").sample
+    cond, uncond = TextKVCache(), TextKVCache()
+    first = dit(x, t, text, reference_latents=refs, text_kv=cond).sample
     calls = []
     hook = dit.blocks[0].attn2.to_k.register_forward_hook(lambda *a: calls.append(1))
-    second = dit(x * 0.5, t * 0.5, text, reference_latents=refs, text_kv_key="cond").sample
-    other = dit(x, t, text * 2, reference_latents=refs, text_kv_key="uncond").sample
+    second = dit(x * 0.5, t * 0.5, text, reference_latents=refs, text_kv=cond).sample
+    other = dit(x, t, text * 2, reference_latents=refs, text_kv=uncond).sample
     hook.remove()
-    assert calls == [1]  # the cached key was reused, the new key computed once
+    assert calls == [1]  # the filled cache was reused, the empty one filled once
     assert torch.equal(first, uncached)
     assert torch.equal(second, dit(x * 0.5, t * 0.5, text, reference_latents=refs).sample)
     assert torch.equal(other, dit(x, t, text * 2, reference_latents=refs).sample)
-    dit.clear_text_kv_cache()
-    assert all(not b.attn2.processor.text_kv for b in dit.blocks)
+    assert set(cond.blocks) == set(range(len(dit.blocks)))
+    fresh = vars(VideoOnlyCrossAttnProcessor())
+    assert all(vars(b.attn2.processor) == fresh for b in dit.blocks)  # nothing of a call stays on the processors
