@@ -6,16 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import registry
 from .errors import RefAlignInputError
 from .paths import inside
 from .sampler import SamplingSettings
 
 BUNDLE_FILE = "refalign_bundle.json"
 DEFAULT_FPS = 16.0
-# the embedded toy bundles shipped with the package (data files: nothing of the toy code is imported to use them)
-EMBEDDED_FOLDER = Path(__file__).resolve().parent / "toy" / "models"
-EMBEDDED = {"embedded toy model (CPU demo)": "refalign_toy",
-            "embedded toy baseline (RA loss off)": "refalign_toy_baseline"}
 BUNDLE_KEYS = {"format", "version", "dit", "vae", "text_encoder", "defaults"}
 
 
@@ -30,9 +27,8 @@ class Bundle:
 
 
 def embedded_bundles() -> dict[str, Path]:
-    """The shipped embedded bundles by their display name (those present)."""
-    return {label: EMBEDDED_FOLDER / name for label, name in EMBEDDED.items()
-            if (EMBEDDED_FOLDER / name / BUNDLE_FILE).is_file()}
+    """The shipped bundles by their display name (those present), as extensions register them (`registry.py`)."""
+    return {label: folder for label, folder in registry.bundle_folders().items() if (folder / BUNDLE_FILE).is_file()}
 
 
 def read_bundle(folder: str | os.PathLike) -> Bundle:

@@ -1,9 +1,8 @@
 """Wan2.1 VAE: diffusers `AutoencoderKLWan` from one local safetensors file (original Wan naming, ComfyUI's
 `wan_2.1_vae.safetensors`, or diffusers naming) with the shipped config. Latents are mean/std-normalised, as the
 DiT sees them. Other VAEs with the Wan2.1 latent layout (the embedded toy model's) are saved with their class name
-and config and loaded by that name from an allowlist."""
+and config and loaded by that name through `registry.py` (a file never chooses which code runs)."""
 
-import importlib
 import json
 import os
 import re
@@ -13,15 +12,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from . import registry
 from .errors import RefAlignInputError, first_non_finite
 from .safetensors_io import read_safetensors, write_safetensors
 
 WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"
 CONFIG_METADATA_KEY = "refalign.vae_config"
 CLASS_METADATA_KEY = "refalign.vae_class"  # absent for Wan2.1 VAEs
-# VAE classes a file may name (a file never chooses which code runs): class name -> module, imported only when a file
-# names it, so loading a Wan2.1 VAE imports nothing of the toy world
-OTHER_VAE_CLASSES = {"ToyVideoVAE": ".toy.vae"}
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 _RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
              "conv_shortcut": "shortcut"}
@@ -97,9 +94,12 @@ def _wan_vae_state_and_config(state_dict: dict, metadata: dict, path) -> tuple[d
 
 
 def _other_vae_class(name: str, path):
-    if name not in OTHER_VAE_CLASSES:
-        raise RefAlignInputError(f"{path}: VAE class {name!r} is not one we load (known: {sorted(OTHER_VAE_CLASSES)})")
-    return getattr(importlib.import_module(OTHER_VAE_CLASSES[name], package=__package__), name)
+    """A VAE class other than the Wan2.1 VAE, by the name registered for it (`registry.register_vae_class`)."""
+    vae_class = registry.vae_class(name)
+    if vae_class is None:
+        raise RefAlignInputError(f"{path}: VAE class {name!r} is not one we load: no extension registers it "
+                                 f"(registered: {registry.vae_class_names()}; extensions: {list(registry.EXTENSIONS)})")
+    return vae_class
 
 
 def vae_from_state_dict(state_dict: dict, metadata: dict | None = None, *, dtype=torch.float32, device="cpu",
@@ -132,8 +132,8 @@ def load_vae(path: str | os.PathLike, *, dtype=torch.float32, device="cpu") -> t
 
 
 def save_vae(vae: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata. Another VAE class (see
-    `OTHER_VAE_CLASSES`) is saved with its own key names, its class name and its whole config."""
+    """Save in original Wan2.1 VAE naming; non-default config values go into the metadata. Another VAE class (one
+    registered in `registry.py`) is saved with its own key names, its class name and its whole config."""
     if not isinstance(vae, AutoencoderKLWan):
         name = type(vae).__name__
         _other_vae_class(name, path)

@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..bundles import BUNDLE_FILE, EMBEDDED_FOLDER
+from ..bundles import BUNDLE_FILE
 from ..pipeline import RefAlignPipeline
 from ..sampler import SamplingSettings
 from ..text_encoder import load_text_encoder
 from ..video_io import write_video
+from . import MODELS_FOLDER
 from .judge import JUDGE_FILE, WorldJudge, through_vae
 from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
 from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
 
 DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
-SHIPPED_BUNDLE = EMBEDDED_FOLDER / "refalign_toy"
-SHIPPED_BASELINE = EMBEDDED_FOLDER / "refalign_toy_baseline"  # same data and steps, RA loss off
+SHIPPED_BUNDLE = MODELS_FOLDER / "refalign_toy"
+SHIPPED_BASELINE = MODELS_FOLDER / "refalign_toy_baseline"  # same data and steps, RA loss off
 
 
 def embedded_bundle() -> Path:

@@ -1,0 +1,70 @@
+"""The toy world sits outside the product: the core reaches the shipped bundles and `ToyVideoVAE` only through
+`refalign_core.registry`, whose `EXTENSIONS` is the one place the core names the toy package."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refalign_core import registry
+from refalign_core.errors import RefAlignInputError
+
+ROOT = Path(__file__).parents[1]
+CORE = ROOT / "refalign_core"
+
+
+def fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_importing_the_pipeline_imports_nothing_of_the_toy_or_training():
+    result = fresh("import sys, refalign_core.pipeline;"
+                   "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', "
+                   "'refalign_core.training'))))")
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_toy_bundle_loads_from_a_process_that_imported_only_the_pipeline():
+    folder = CORE / "toy" / "models" / "refalign_toy"
+    result = fresh("import sys; from refalign_core.pipeline import RefAlignPipeline;"
+                   f"pipe = RefAlignPipeline.from_bundle({str(folder)!r});"
+                   "print(type(pipe.vae).__name__, 'refalign_core.training' in sys.modules)")
+    assert result.returncode == 0 and result.stdout.split() == ["ToyVideoVAE", "False"], result.stdout + result.stderr
+
+
+def test_the_shipped_bundles_are_found_through_the_registry():
+    result = fresh("from refalign_core.bundles import embedded_bundles; print(list(embedded_bundles()))")
+    assert result.returncode == 0 and "embedded toy model (CPU demo)" in result.stdout, result.stdout + result.stderr
+
+
+def test_no_core_module_imports_the_toy():
+    """Outside `toy/` and `training/` (whose default data is the toy world), no module of the core imports
+    `refalign_core.toy` (the CLI's demo command aside); the registry names it as data in `EXTENSIONS`."""
+    allowed = {("__main__.py", "toy.demo")}
+    for path in CORE.rglob("*.py"):
+        relative = path.relative_to(CORE)
+        if relative.parts[0] in ("toy", "training"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # `from .toy.x import y` names .toy.x; `from . import toy`, .toy
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                bare = name.removeprefix("refalign_core.")
+                if bare == "toy" or bare.startswith("toy."):
+                    assert (str(relative), bare) in allowed, f"{relative} imports {name}"
+    assert registry.EXTENSIONS == (".toy",)  # relative: the pack's own copy of the core finds its own toy
+
+
+def test_an_unregistered_vae_class_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    from refalign_core.vae import load_vae
+    save_file({"w": torch.zeros(1)}, tmp_path / "v.safetensors", metadata={"refalign.vae_class": "FancyVAE"})
+    with pytest.raises(RefAlignInputError, match=r"FancyVAE.*registered: \['ToyVideoVAE'\]"):
+        load_vae(tmp_path / "v.safetensors")
