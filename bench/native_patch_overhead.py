@@ -34,7 +34,7 @@ def measure(pack, folder: Path, label: str, config: dict, latent_shape, text_tok
     native = pack.nodes.native
     path = folder / f"{label}.safetensors"
     save_dit(tiny_dit(0, **config), path)
-    plain = native.load_native_dit(path, weight_dtype=torch.float32, compute_dtype=torch.float32, patch=False)
+    plain = native.load_native_dit(path, {"dtype": torch.float32}, patch=False)
     patched = native.install_refalign(plain)
     g = torch.Generator().manual_seed(0)
     b, c, f, h, w = latent_shape

@@ -1,8 +1,10 @@
-"""ComfyUI nodes (RefAlign Loader, Multi-Subject Reference, R2V Sampler, Identity Check, Model Patch, Subject
-Conditioning): thin adapters from ComfyUI types to `refalign_core` and ComfyUI's own machinery (`native.py`).
-ComfyUI imports stay inside functions and are lazy."""
+"""ComfyUI nodes: RefAlign Loader, Multi-Subject Reference, R2V Sampler and Identity Check, and the pieces of the
+modular wiring (Model Patch, Subject Conditioning, Guider). Thin adapters from ComfyUI types onto ComfyUI's own MODEL,
+CLIP and VAE (`native.py`) and `refalign_core`. ComfyUI imports stay inside functions and are lazy."""
 
 from .conditioning import RefAlignSubjectConditioning
+from .examples import RefAlignExampleImage
+from .guider import RefAlignGuider
 from .identity import RefAlignIdentityCheck
 from .loader import RefAlignLoader
 from .model_patch import RefAlignModelPatch
@@ -16,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "RefAlignIdentityCheck": RefAlignIdentityCheck,
     "RefAlignModelPatch": RefAlignModelPatch,
     "RefAlignSubjectConditioning": RefAlignSubjectConditioning,
+    "RefAlignGuider": RefAlignGuider,
+    "RefAlignExampleImage": RefAlignExampleImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RefAlignLoader": "RefAlign Loader",
@@ -24,4 +28,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RefAlignIdentityCheck": "RefAlign Identity Check",
     "RefAlignModelPatch": "RefAlign Model Patch",
     "RefAlignSubjectConditioning": "RefAlign Subject Conditioning",
+    "RefAlignGuider": "RefAlign Guider",
+    "RefAlignExampleImage": "RefAlign Example Image",
 }

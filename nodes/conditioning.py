@@ -1,6 +1,6 @@
 """RefAlign Subject Conditioning: text conditionings + references -> RefAlign's three conditionings and an empty
-video latent, for DualCFGGuider (cond1 = positive, cond2 = negative_text, negative = negative_img_text,
-cfg_conds = s_txt, cfg_cond2_negative = s_img) or the RefAlign R2V Sampler."""
+video latent, for RefAlign Guider + SamplerCustomAdvanced (core DualCFGGuider gives the same guidance: cond1 =
+positive, cond2 = negative_text, negative = negative_img_text, cfg_conds = s_txt, cfg_cond2_negative = s_img)."""
 
 import torch
 
@@ -15,9 +15,8 @@ class RefAlignSubjectConditioning:
     DESCRIPTION = ("RefAlign's reference conditioning on the native path (like Wan Phantom Subject To Video, but "
                    "RefAlign's way): each reference is fitted on white (never centre-cropped, masks whiten the "
                    "background), VAE-encoded alone as a 1-frame clip and appended after the video frames; the "
-                   "unconditional pass gets exact zero reference latents. Wire positive → cond1, negative_text → "
-                   "cond2, negative_img_text → negative of DualCFGGuider (cfg_conds 7.5, cfg_cond2_negative 5.0), "
-                   "with the model through RefAlign Model Patch.")
+                   "unconditional pass gets exact zero reference latents. Wire the three conditionings into RefAlign "
+                   "Guider, and the latent into SamplerCustomAdvanced.")
     CATEGORY = "RefAlign"
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT")

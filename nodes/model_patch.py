@@ -13,7 +13,7 @@ class RefAlignModelPatch:
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with the RefAlign patch (for DualCFGGuider + SamplerCustomAdvanced or the RefAlign "
+    OUTPUT_TOOLTIPS = ("The model with the RefAlign patch (for RefAlign Guider + SamplerCustomAdvanced or the RefAlign "
                        "R2V Sampler).",)
 
     @classmethod

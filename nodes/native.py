@@ -27,7 +27,7 @@ import torch
 
 from ..refalign_core.checkpoint import validated_original
 from ..refalign_core.errors import RefAlignInputError
-from ..refalign_core.safetensors_io import read_safetensors
+from ..refalign_core.safetensors_io import read_safetensors, read_safetensors_shapes
 from ..refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
                                      one_pass_below, run_schedule, zero_references)
 from ..refalign_core.vae import wan21_latent_stats
@@ -161,6 +161,17 @@ def guider_class():
                             for three in (True, False)}
             self.one_pass_below = one_pass_below
 
+        def set_three_pass_steps(self, steps: int | None):
+            """Three passes on the first `steps` steps of whatever sigmas `sample` gets, then c_txt alone (None:
+            always three passes)."""
+            self.three_pass_steps = steps
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            three_pass_steps = getattr(self, "three_pass_steps", None)
+            if three_pass_steps is not None:  # from a step count to the sigma of the last three-pass step
+                self.one_pass_below = float(sigmas[three_pass_steps - 1]) if three_pass_steps > 0 else math.inf
+            return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
         def predict_noise(self, x, timestep, model_options={}, seed=None):
             weights = self.weights[self.one_pass_below is None or float(timestep.max()) >= self.one_pass_below]
             names = [name for name in GUIDANCE_CONDS if weights[name] != 0.0]
@@ -205,8 +216,8 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     import latent_preview
 
     if settings.cache != "none" or settings.text_kv_cache:
-        raise RefAlignInputError("cache / text_kv_cache: these hook our reference DiT (REFALIGN_MODEL with offload "
-                                 "block_swap or none); on a native MODEL use ComfyUI's EasyCache / LazyCache node")
+        raise RefAlignInputError("cache / text_kv_cache: these hook our reference DiT (CLI and Python API); in "
+                                 "ComfyUI use the EasyCache / LazyCache node on the MODEL")
     scheduler = make_scheduler(settings.sampler, settings.steps, settings.shift)
     sigmas = scheduler.sigmas.float()
     multiplier = getattr(model.get_model_object("model_sampling"), "multiplier", 1000.0)
@@ -279,39 +290,60 @@ def native_config_overrides(config: dict) -> dict:
             "freq_dim": config["freq_dim"], "eps": config["eps"]}
 
 
-def load_native_dit(path, weight_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                    patch: bool = True):
-    """A RefAlign / Wan2.1 T2V DiT file as a native ComfyUI MODEL (ModelPatcher over `model_base.WAN21`) with the
-    RefAlign patch (unless `patch` is False). Files ComfyUI detects correctly go through `comfy.sd.load_diffusion_model_state_dict`, others
-    (our tiny / toy models: other head counts or text widths) through ComfyUI's model config with those values set.
-    weight_dtype: storage (None = ComfyUI's choice; fp8 as UNETLoader's weight_dtype); compute_dtype: None = ComfyUI's
-    choice."""
+def load_native_dit(path, model_options: dict | None = None, patch: bool = True, disable_dynamic: bool = False):
+    """A RefAlign / Wan2.1 T2V DiT file as a native ComfyUI MODEL (ModelPatcher over `model_base.WAN21`), with the
+    RefAlign patch unless `patch` is False. model_options: as UNETLoader's (`dtype` for fp8 storage, …).
+
+    A file that ComfyUI reads as it is (original key names, one .safetensors, released head / text widths) goes
+    through `comfy.sd.load_diffusion_model`, ComfyUI's own path (memory-mapped, scaled-fp8 conversion, and the
+    `cached_patcher_init` that multi-GPU clones and device selection need). Other files (diffusers names, sharded,
+    our toy shapes) are checked and converted here and built from ComfyUI's model config with those values set; they
+    get a `cached_patcher_init` that rebuilds them the same way (unpatched, as ComfyUI expects). `disable_dynamic`
+    is what ComfyUI ≥ 0.38 passes to that factory; this branch always builds a plain (non-dynamic) ModelPatcher."""
+    import comfy.sd
+
+    options = dict(model_options or {})
+    shapes, metadata = read_safetensors_shapes(path, "DiT checkpoint")
+    original, config = validated_original(shapes, metadata, str(path), dequantize=False)
+    overrides = _config_overrides(original, config)
+    if not overrides and set(original) == set(shapes) and str(path).endswith(".safetensors"):
+        model = comfy.sd.load_diffusion_model(str(path), model_options=options)
+    else:
+        model = _load_with_overrides(path, options, overrides)
+        model.cached_patcher_init = (load_native_dit, (str(path), options, False))
+    return install_refalign(model) if patch else model
+
+
+def _config_overrides(original: dict, config: dict) -> dict:
+    """`WanModel` arguments that ComfyUI's detection would get wrong for this state dict (meta tensors suffice)."""
+    import comfy.model_detection
+
+    detected = comfy.model_detection.detect_unet_config(original, "")
+    defaults = {"text_dim": 4096}  # WanModel's default where detection leaves the key out
+    return {k: v for k, v in native_config_overrides(config).items() if detected.get(k, defaults.get(k)) != v}
+
+
+def _load_with_overrides(path, options: dict, overrides: dict):
+    """ComfyUI's model config for the file, with `overrides` set, its weights loaded (a legacy ModelPatcher)."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.sd
     import comfy.utils
 
     state_dict, metadata = read_safetensors(path, "DiT checkpoint")
-    state_dict, config = validated_original(state_dict, metadata, str(path), dequantize=False)
-    detected = comfy.model_detection.detect_unet_config(state_dict, "")
-    wanted = native_config_overrides(config)
-    defaults = {"text_dim": 4096}  # WanModel's default where detection leaves the key out
-    overrides = {k: v for k, v in wanted.items() if detected.get(k, defaults.get(k)) != v}
-    if not overrides:
-        model = comfy.sd.load_diffusion_model_state_dict(state_dict, {"dtype": weight_dtype} if weight_dtype else {})
-    else:
-        model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
-        model_config.unet_config.update(overrides)
-        load_device = mm.get_torch_device()
-        dtype = weight_dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
-                                              supported_dtypes=model_config.supported_inference_dtypes,
-                                              weight_dtype=comfy.utils.weight_dtype(state_dict))
-        model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
-                                                                    model_config.supported_inference_dtypes))
-        base = model_config.get_model(state_dict, "").to(mm.unet_offload_device())
-        base.load_model_weights(state_dict, "")
-        model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
-    if compute_dtype is not None:
-        model.set_model_compute_dtype(compute_dtype)
-    return install_refalign(model) if patch else model
+    state_dict, _ = validated_original(state_dict, metadata, str(path), dequantize=False)
+    if hasattr(comfy.utils, "convert_old_quants"):  # ComfyUI ≥ 0.38 reads scaled fp8 only after this conversion
+        state_dict, metadata = comfy.utils.convert_old_quants(state_dict, "", metadata=metadata)
+    model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
+    model_config.unet_config.update(overrides)
+    load_device = mm.get_torch_device()
+    dtype = options.get("dtype") or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state_dict),
+                                                  supported_dtypes=model_config.supported_inference_dtypes,
+                                                  weight_dtype=comfy.utils.weight_dtype(state_dict))
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                model_config.supported_inference_dtypes))
+    if options.get("fp8_optimizations"):
+        model_config.optimizations["fp8"] = True
+    base = model_config.get_model(state_dict, "").to(mm.unet_offload_device())
+    base.load_model_weights(state_dict, "")
+    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())

@@ -12,7 +12,8 @@ class InterruptProcessingException(Exception):
 
 
 def install(root) -> dict:
-    """Fake `folder_paths`, `comfy.model_management`, `comfy.utils`, `comfy.model_patcher` rooted at `root`."""
+    """Fake `folder_paths`, `comfy.model_management`, `comfy.utils`, `comfy.model_patcher`, `comfy.cli_args`,
+    `comfy.patcher_extension` rooted at `root`."""
     state = {"interrupt": False, "progress": [], "loaded": [], "previews": []}
     models = os.path.join(root, "models")
     folder_paths = types.ModuleType("folder_paths")
@@ -83,13 +84,17 @@ def install(root) -> dict:
 
     cli_args.LatentPreviewMethod = LatentPreviewMethod
     cli_args.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.Auto)
+    extension = types.ModuleType("comfy.patcher_extension")
+    extension.WrappersMP = types.SimpleNamespace(DIFFUSION_MODEL="diffusion_model")
     comfy.model_management, comfy.utils, comfy.model_patcher, comfy.cli_args = mm, utils, patcher, cli_args
+    comfy.patcher_extension = extension
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
-                        "comfy.utils": utils, "comfy.model_patcher": patcher, "comfy.cli_args": cli_args})
+                        "comfy.utils": utils, "comfy.model_patcher": patcher, "comfy.cli_args": cli_args,
+                        "comfy.patcher_extension": extension})
     return state
 
 
 def uninstall() -> None:
     for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.model_patcher",
-                 "comfy.cli_args"):
+                 "comfy.cli_args", "comfy.patcher_extension"):
         sys.modules.pop(name, None)

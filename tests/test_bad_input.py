@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from refalign_core.__main__ import main as cli
-from refalign_core.bundles import BUNDLE_FILE, EMBEDDED_FOLDER, read_bundle
+from refalign_core.bundles import BUNDLE_FILE, read_bundle
 from refalign_core.checkpoint import load_dit, save_dit
 from refalign_core.errors import RefAlignInputError
 from refalign_core.eval import main as eval_cli
@@ -27,6 +27,7 @@ from refalign_core.identity import check_identity
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.references import Reference, fit_on_white, prepare_references, to_chw
 from refalign_core.safetensors_io import read_safetensors
+from refalign_core.toy import MODELS_FOLDER
 from refalign_core.toy.tiny import tiny_dit
 from refalign_core.training import load_training_config, train
 from refalign_core.training.data import SkipCounter
@@ -35,7 +36,7 @@ from refalign_core.training.previews import read_sample_prompts
 from refalign_core.vae import load_vae
 from refalign_core.video_io import load_image, write_video
 
-TOY = EMBEDDED_FOLDER / "refalign_toy"
+TOY = MODELS_FOLDER / "refalign_toy"
 
 
 @dataclass
@@ -258,7 +259,9 @@ CASES = [
          RefAlignInputError, "references"),
     # ComfyUI nodes (stand-ins for ComfyUI's runtime; the pack's own RefAlignInputError class, a ValueError)
     Case("node Loader unknown model", api(lambda i, o: node(o, "RefAlignLoader", "load", "nope.safetensors",
-                                                             "default", "fp32", "none")), ValueError, "nope"),
+                                                             "default")), ValueError, "unet_name: nope"),
+    Case("node Loader weight dtype", api(lambda i, o: node(o, "RefAlignLoader", "load", "nope.safetensors",
+                                                            "fp4")), ValueError, "weight_dtype"),
     Case("node references NaN image", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", "collect", 64, 64,
                                                             image_1=torch.full((1, 32, 32, 3), math.nan))),
          ValueError, "NaN"),

@@ -16,11 +16,10 @@ from PIL import Image
 import comfy_stubs
 from pack import load_pack
 from refalign_core.checkpoint import load_dit
-from refalign_core.bundles import EMBEDDED_FOLDER
 from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.toy.vae import ToyVideoVAE
-from refalign_core.bundles import EMBEDDED
+from refalign_core.toy import EMBEDDED, MODELS_FOLDER as EMBEDDED_FOLDER
 
 EMBEDDED_MODEL, EMBEDDED_BASELINE = list(EMBEDDED)
 
@@ -71,12 +70,17 @@ def pack(tmp_path):
     comfy_stubs.uninstall()
 
 
-def test_loader_node_offers_and_loads_both_embedded_models(pack):
+def test_loader_node_offers_both_embedded_models_and_loads_each_ones_own_dit(pack, monkeypatch):
     loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
-    choices = loader.INPUT_TYPES()["required"]["model_name"][0]
+    choices = loader.INPUT_TYPES()["required"]["unet_name"][0]
     names = (EMBEDDED_MODEL, EMBEDDED_BASELINE)
     assert choices[:2] == list(names)
-    dits = [loader().load(name, "default", "fp32", "none")[0].dit for name in names]
+    paths = []  # ComfyUI's own loading of the DiT is checked in a real ComfyUI by tools/comfyui_parity.py
+    monkeypatch.setattr(pack.nodes.loader, "load_native_dit", lambda path, options: paths.append(path) or "MODEL")
+    for name in names:
+        model, clip, vae = loader().load(name, "default")
+        assert model == "MODEL" and clip is not None and vae is not None  # a bundle brings its text encoder and VAE
+    dits = [load_dit(path) for path in paths]
     assert not torch.equal(dits[0].blocks[0].attn1.to_q.weight, dits[1].blocks[0].attn1.to_q.weight)
 
 
@@ -102,5 +106,5 @@ def test_toy_workflows_sample_with_the_shipped_defaults(name):
     samplers = [n["widgets_values"] for n in workflow["nodes"] if n["type"] == "RefAlignR2VSampler"]
     assert samplers
     for widgets in samplers:  # width, height, length, steps, shift, image / text guidance, sampler
-        assert widgets[2:9] + [widgets[11]] == [defaults[k] for k in ("width", "height", "num_frames", "steps", "shift",
+        assert widgets[0:7] + [widgets[9]] == [defaults[k] for k in ("width", "height", "num_frames", "steps", "shift",
                                                                         "image_scale", "text_scale", "sampler")]

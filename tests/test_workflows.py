@@ -15,14 +15,13 @@ def signatures():
     return {**CORE_NODES, **pack_signatures(load_pack())}
 
 
-NATIVE = [p for p in WORKFLOWS if p.stem.startswith("refalign_native_")]
+REAL = [p for p in WORKFLOWS if "1.3b" in p.stem or "multi_subject" in p.stem]
 
 
 def test_the_workflows_ship():
     names = {p.stem for p in WORKFLOWS}
-    assert {"refalign_toy_demo", "refalign_1.3b_single_subject", "refalign_multi_subject",
-            "refalign_ab_identity_comparison", "refalign_native_1.3b_single_subject", "refalign_native_multi_subject",
-            "refalign_native_toy_demo"} <= names
+    assert names == {"refalign_toy_demo", "refalign_1.3b_single_subject", "refalign_multi_subject",
+                     "refalign_ab_identity_comparison"}
     ids = [json.loads(p.read_text())["id"] for p in WORKFLOWS]
     assert len(set(ids)) == len(ids)  # the frontend keys open tabs by id
 
@@ -61,36 +60,42 @@ def _upstream(prompt, node_id, name):
     return chain
 
 
-@pytest.mark.parametrize("path", NATIVE, ids=lambda p: p.stem)
-def test_native_workflows_run_a_patched_native_model(path, signatures):
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_sampler_gets_a_refalign_patched_comfyui_model(path, signatures):
     workflow = json.loads(path.read_text())
     prompt = to_api_prompt(workflow, signatures)
-    lora = [n for n in workflow["nodes"] if n["type"] == "LoraLoaderModelOnly"]
-    assert len(lora) == 1 and lora[0]["mode"] == 4  # offered, bypassed until the user picks a LoRA
     for node_id, node in prompt.items():
-        if node["class_type"] in ("RefAlignR2VSampler", "DualCFGGuider"):
+        if node["class_type"] in ("RefAlignR2VSampler", "RefAlignGuider"):
             chain = _upstream(prompt, node_id, "model")
-            assert chain[0] == "ModelSamplingSD3" and chain[1] == "RefAlignModelPatch", chain
-            assert chain[-1] in ("UNETLoader", "RefAlignLoader"), chain
-        if node["class_type"] == "DualCFGGuider":
-            # RefAlign's three passes: cond1 = prompt + refs, cond2 = negative + refs, negative = negative + zero refs
-            conds = [node["inputs"][k] for k in ("cond1", "cond2", "negative")]
+            assert chain[-1] == "RefAlignLoader" or "RefAlignModelPatch" in chain, chain
+        if node["class_type"] == "RefAlignGuider":
+            # RefAlign's three passes: prompt + refs, negative + refs, negative + zero refs, from one conditioning node
+            conds = [node["inputs"][k] for k in ("positive", "negative_text", "negative_img_text")]
             assert {c[0] for c in conds} == {conds[0][0]} and [c[1] for c in conds] == [0, 1, 2]
             assert prompt[conds[0][0]]["class_type"] == "RefAlignSubjectConditioning"
-            assert (node["inputs"]["cfg_conds"], node["inputs"]["cfg_cond2_negative"]) == (7.5, 5.0)
-            assert node["inputs"]["style"] == "regular"
+            assert _upstream(prompt, node_id, "model")[0] == "ModelSamplingSD3"  # shift 5 for core schedulers
+        if node["class_type"] == "RefAlignIdentityCheck":
+            assert "references" in node["inputs"]
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_model_workflows_offer_a_bypassed_lora(path):
+    lora = [n for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoraLoaderModelOnly"]
+    assert len(lora) == 1 and lora[0]["mode"] == 4  # offered, bypassed until the user picks a LoRA
 
 
 def test_real_model_workflows_name_their_model_files(signatures):
-    for path in WORKFLOWS:
+    for path in REAL:
         workflow = json.loads(path.read_text())
-        if any(n["type"] == "CLIPLoader" for n in workflow["nodes"]):
-            dit_folder = "diffusion_models" if any(n["type"] == "UNETLoader" for n in workflow["nodes"]) else "refalign"
-            directories = {m["directory"] for m in workflow["models"]}
-            assert {dit_folder, "text_encoders", "vae"} <= directories
-            assert all(m["url"].startswith("https://") for m in workflow["models"])
-            assert any(n["type"] == "MarkdownNote" and f"models/{dit_folder}" in n["widgets_values"][0]
-                       for n in workflow["nodes"])
+        assert {m["directory"] for m in workflow["models"]} == {"diffusion_models", "text_encoders", "vae"}
+        assert all(m["url"].startswith("https://") for m in workflow["models"])
+        loaders = [n for n in workflow["nodes"] if n["type"] in ("RefAlignLoader", "CLIPLoader", "VAELoader")]
+        assert len(loaders) == 3
+        for node in loaders:  # the frontend offers the download of a missing file from the node's properties
+            (model,) = node["properties"]["models"]
+            assert model["name"] == node["widgets_values"][0] and model in workflow["models"]
+        assert any(n["type"] == "MarkdownNote" and "models/diffusion_models" in n["widgets_values"][0]
+                   for n in workflow["nodes"])
 
 
 def test_validator_catches_broken_workflows(signatures):
@@ -103,8 +108,8 @@ def test_validator_catches_broken_workflows(signatures):
         return validate(w, signatures)
 
     assert any("widget values" in e for e in broken(lambda w, n: n["widgets_values"].remove("fixed")))
-    assert any("width" in e for e in broken(lambda w, n: n["widgets_values"].__setitem__(2, 60)))
-    assert any("sampler" in e for e in broken(lambda w, n: n["widgets_values"].__setitem__(11, "ddim")))
+    assert any("width" in e for e in broken(lambda w, n: n["widgets_values"].__setitem__(0, 60)))
+    assert any("sampler" in e for e in broken(lambda w, n: n["widgets_values"].__setitem__(9, "ddim")))
     assert any("unknown node type" in e for e in broken(lambda w, n: n.__setitem__("type", "RefAlignSamplerV2")))
     assert any("types or ends" in e for e in broken(lambda w, n: w["links"][2].__setitem__(5, "MODEL")))
     assert any("not connected" in e for e in broken(lambda w, n: n["inputs"][0].__setitem__("link", None)))
@@ -120,5 +125,5 @@ def test_validator_catches_broken_workflows(signatures):
     # layout: a node too short for its widgets, nodes drawn over each other
     assert any("px tall" in e for e in broken(lambda w, n: n["size"].__setitem__(1, 120)))
     assert any("overlap" in e for e in broken(lambda w, n: n.__setitem__("pos", list(w["nodes"][1]["pos"]))))
-    # a union socket takes either type, nothing else
-    assert any("types or ends" in e for e in broken(lambda w, n: w["links"][2].__setitem__(5, "LATENT")))
+    # a socket takes its own type only; '*' takes any
+    assert any("types or ends" in e for e in broken(lambda w, n: w["links"][0].__setitem__(5, "LATENT")))

@@ -21,6 +21,7 @@ CORE_NODES = {
                           ("quality", "INT", {"min": 0, "max": 100}),
                           ("method", "COMBO", {"options": ["default", "fastest", "slowest"]})], []),
     "PreviewImage": ([("images", "IMAGE", {})], []),
+    "PreviewAny": ([("source", "*", {})], []),
     "CLIPLoader": ([("clip_name", "COMBO", {"options": ANY}), ("type", "COMBO", {"options": ANY}),
                     ("device", "COMBO", {"options": ["default", "cpu"], "optional": True})], ["CLIP"]),
     "CLIPTextEncode": ([("text", "STRING", {}), ("clip", "CLIP", {})], ["CONDITIONING"]),
@@ -56,7 +57,7 @@ def pack_signatures(pack) -> dict:
         for section in ("required", "optional"):
             for name, (kind, options) in spec.get(section, {}).items():
                 if isinstance(kind, list):
-                    kind, options = "COMBO", dict(options, options=ANY if name == "model_name" else kind)
+                    kind, options = "COMBO", dict(options, options=ANY if name == "unet_name" else kind)
                 inputs.append((name, kind, dict(options, optional=section == "optional")))
         out[node_id] = (inputs, list(cls.RETURN_TYPES))
     return out
@@ -192,8 +193,8 @@ def layout_errors(workflow: dict) -> list[str]:
 
 
 def accepts(input_type: str, link_type: str) -> bool:
-    """Whether an input socket takes a link of `link_type` (sockets may list several types: 'A,B')."""
-    return link_type in input_type.split(",")
+    """Whether an input socket takes a link of `link_type` (sockets may list several types: 'A,B'; '*' takes any)."""
+    return input_type == "*" or link_type in input_type.split(",")
 
 
 def validate(workflow: dict, signatures: dict) -> list[str]:

@@ -6,9 +6,9 @@
    original Wan naming, K = 0..3 references; a Wan-shaped tiny model (loaded by ComfyUI's own loader) and a
    toy-shaped one (other head count / text width: ComfyUI's model config with those values); and the patched MODEL's
    patches copied onto a second model instance, as 0.38's `clone(model_override=…)` does;
-2. sampling: the embedded toy model through Loader → native MODEL → RefAlign Model Patch → ModelSamplingSD3 → R2V
-   Sampler vs the REFALIGN_MODEL path on our DiT (Loader offload `none`), same seed / steps, euler and unipc;
-   DualCFGGuider vs our guider on the same conds;
+2. sampling: the embedded toy model through RefAlign Loader (MODEL, CLIP, VAE) → CLIP Text Encode → R2V Sampler, and
+   through Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced, vs the core path (our DiT and the bundle's
+   VAE and text encoder), same seed / steps, euler and unipc; DualCFGGuider vs our guider on the same conds;
 3. LoRA: a LoRA exported by the trainer's exporter (`lora_state_dict_for_comfyui`, what train/train.py writes) loaded
    with LoraLoaderModelOnly on the patched MODEL (and before the patch) vs our DiT with the LoRA merged;
 4. composition (reported, not part of the max): zero references = unpatched model bit for bit, TorchCompileModel,
@@ -83,6 +83,11 @@ def check_forward(pack, folder: Path) -> None:
             got = run_diffusion_model(patched, x, t, context, refs)
             report(f"forward {label}, K={k}: |patched native − ours|", (got - ours).abs().max().item())
             unpatched = run_diffusion_model(plain, x, t, context, refs)
+            if k == 2 and hasattr(plain, "cached_patcher_init"):
+                factory, args = plain.cached_patcher_init  # what multi-GPU clones / non-dynamic delegates call
+                rebuilt = factory(*args, disable_dynamic=True)
+                report(f"  cached_patcher_init rebuilds the unpatched model: |rebuilt − unpatched|",
+                       (run_diffusion_model(rebuilt, x, t, context, refs) - unpatched).abs().max().item())
             if k == 0:
                 report("  K=0: patched == unpatched native bit for bit", bool(torch.equal(got, unpatched)), False)
             else:
@@ -121,14 +126,71 @@ def check_clone_onto_another_instance(pack, folder: Path) -> None:
         FIGURES["clone onto a second model instance: first instance untouched"] = float("inf")
 
 
-def toy_sampling(pack, sampler_name: str, model, steps=None):
+def toy_inputs(pack, loaded):
+    """(references, positive, negative, defaults) for the demo case at 64×64, through core CLIP Text Encode."""
+    import nodes as comfy_nodes
+
     nodes = pack.NODE_CLASS_MAPPINGS
     images = [torch.from_numpy(np.asarray(im.convert("RGB"))).float().div(255)[None] for im in demo_references()]
     references = nodes["RefAlignMultiSubjectReference"]().collect(64, 64, image_1=images[0], image_2=images[1])[0]
-    defaults = read_bundle(toy_bundle()[1]).settings
-    return nodes["RefAlignR2VSampler"]().sample(
-        model, references, DEMO_PROMPT, "", 64, 64, defaults.num_frames, steps or defaults.steps,
+    encode = comfy_nodes.CLIPTextEncode().encode
+    clip = loaded[1]
+    return references, encode(clip, DEMO_PROMPT)[0], encode(clip, "")[0], read_bundle(toy_bundle()[1]).settings
+
+
+def toy_sampling(pack, sampler_name: str, model, loaded, steps=None):
+    """The R2V Sampler on the demo case -> (frames, latent in DiT space)."""
+    references, positive, negative, defaults = toy_inputs(pack, loaded)
+    frames, latent = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]().sample(
+        model, positive, negative, loaded[2], references, 64, 64, defaults.num_frames, steps or defaults.steps,
         defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference")
+    return frames, to_dit_space(latent["samples"])
+
+
+def to_dit_space(latents):
+    from refalign_core.vae import wan21_latent_stats
+
+    mean, std = wan21_latent_stats()
+    return (latents.float() - mean) / std
+
+
+def core_sampling(sampler_name: str):
+    """The core path (our DiT, the bundle's VAE and text encoder) on the same case -> latents in DiT space."""
+    import dataclasses
+
+    from refalign_core.pipeline import RefAlignPipeline
+
+    pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
+    settings = dataclasses.replace(pipe.settings, width=64, height=64, seed=0, sampler=sampler_name)
+    return pipe(DEMO_PROMPT, demo_references(), negative_prompt="", settings=settings).latents
+
+
+def modular_sampling(pack, model, loaded):
+    """Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced (our sampler, the core's sigmas) -> latents in
+    DiT space."""
+    import comfy_extras.nodes_custom_sampler as custom
+    from refalign_core.sampler import SamplingSettings, initial_noise, make_scheduler
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    references, positive, negative, d = toy_inputs(pack, loaded)
+    conds = nodes["RefAlignSubjectConditioning"]().encode(positive, negative, loaded[2], references, 64, 64,
+                                                          d.num_frames, 1, "zeros_per_reference")
+    guider = nodes["RefAlignGuider"]().get_guider(model, *conds[:3], d.image_scale, d.text_scale)[0]
+    settings = SamplingSettings(width=64, height=64, num_frames=d.num_frames, steps=d.steps, shift=d.shift)
+    sigmas = make_scheduler("euler", d.steps, d.shift).sigmas.float()
+
+    class Noise:
+        seed = 0
+
+        def generate_noise(self, latent):
+            return initial_noise(tuple(latent["samples"].shape), 0)
+
+    sampler = pack.nodes.native.schedule_sampler(settings)
+    node = custom.SamplerCustomAdvanced
+    run = node.execute if hasattr(node, "execute") else node().sample
+    out = run(Noise(), guider, sampler, sigmas, conds[3])
+    out = out.result if hasattr(out, "result") else out
+    return to_dit_space(out[0]["samples"])
 
 
 def toy_bundle() -> tuple[str, Path]:
@@ -153,43 +215,38 @@ def check_sampling(pack, skip_compile: bool) -> None:
     import comfy_extras.nodes_model_advanced as advanced
     import comfy_extras.nodes_torch_compile as torch_compile
 
-    nodes = pack.NODE_CLASS_MAPPINGS
-    embedded = toy_bundle()[0]
-    ours, _ = nodes["RefAlignLoader"]().load(embedded, "default", "fp32", "none")
-    _, native_model = nodes["RefAlignLoader"]().load(embedded, "default", "auto", "comfy_managed")
-    report("loader (comfy_managed) gives a native ModelPatcher", type(native_model).__name__, False)
-    patched = nodes["RefAlignModelPatch"]().patch(native_model)[0]
-    native = advanced.ModelSamplingSD3().patch(patched, 1.0)[0]
+    loaded = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(toy_bundle()[0], "default")
+    report("loader gives (MODEL, CLIP, VAE)", ", ".join(type(x).__name__ for x in loaded), False)
+    model = loaded[0]
+    native = advanced.ModelSamplingSD3().patch(model, 1.0)[0]
     for sampler_name in ("euler", "unipc"):
         start = time.perf_counter()
-        frames_a, latent_a = toy_sampling(pack, sampler_name, ours)
+        core = core_sampling(sampler_name)
         middle = time.perf_counter()
-        frames_b, latent_b = toy_sampling(pack, sampler_name, native)
+        _, latent = toy_sampling(pack, sampler_name, native, loaded)
         end = time.perf_counter()
-        report(f"toy sampling ({sampler_name}): |native − REFALIGN_MODEL| latents",
-               (latent_a["samples"] - latent_b["samples"]).abs().max().item())
-        report("  frames |native − REFALIGN_MODEL|", (frames_a - frames_b).abs().max().item(), False)
-        report(f"  wall s: REFALIGN_MODEL {middle - start:.2f}, native {end - middle:.2f}", "", False)
-    other_shift = advanced.ModelSamplingSD3().patch(patched, 5.0)[0]
-    _, latent_c = toy_sampling(pack, "euler", other_shift)
-    _, latent_a = toy_sampling(pack, "euler", ours)
+        report(f"toy through RefAlign Loader → R2V Sampler ({sampler_name}) vs the core path: |diff| latents",
+               (latent - core).abs().max().item())
+        report(f"  wall s: core {middle - start:.2f}, native {end - middle:.2f}", "", False)
+    core = core_sampling("euler")
+    report("toy through Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced vs the core path: |diff| "
+           "latents", (modular_sampling(pack, model, loaded) - core).abs().max().item())
+    other_shift = advanced.ModelSamplingSD3().patch(model, 5.0)[0]
     report("ModelSamplingSD3 shift 5 instead of 1 (the sampler's own shift widget decides): |diff|",
-           (latent_c["samples"] - latent_a["samples"]).abs().max().item(), False)
+           (toy_sampling(pack, "euler", other_shift, loaded)[1] - core).abs().max().item(), False)
 
-    cached = easycache.EasyCacheNode.execute(patched, 0.2, 0.15, 0.95, False).result[0]
+    cached = easycache.EasyCacheNode.execute(model, 0.2, 0.15, 0.95, False).result[0]
     start = time.perf_counter()
-    _, latent_e = toy_sampling(pack, "euler", cached)
-    difference = latent_e["samples"] - latent_a["samples"]
+    difference = toy_sampling(pack, "euler", cached, loaded)[1] - core
     report(f"EasyCache (0.2) on the patched MODEL: runs ({time.perf_counter() - start:.2f} s), latent RMSE to the "
-           f"uncached run (uncached std {latent_a['samples'].std().item():.3f})", difference.pow(2).mean().sqrt().item(),
-           False)
+           f"uncached run (uncached std {core.std().item():.3f})", difference.pow(2).mean().sqrt().item(), False)
     if not skip_compile:
-        compiled = torch_compile.TorchCompileModel.execute(patched, "inductor").result[0]
+        compiled = torch_compile.TorchCompileModel.execute(model, "inductor").result[0]
         start = time.perf_counter()
         try:
-            _, latent_t = toy_sampling(pack, "euler", compiled, steps=None)
+            latent = toy_sampling(pack, "euler", compiled, loaded)[1]
             report(f"TorchCompileModel (inductor, CPU) on the patched MODEL ({time.perf_counter() - start:.1f} s incl. "
-                   "compile): |diff| latents", (latent_t["samples"] - latent_a["samples"]).abs().max().item(), False)
+                   "compile): |diff| latents", (latent - core).abs().max().item(), False)
         except Exception as e:  # report, do not hide
             report("TorchCompileModel (inductor, CPU) failed", f"{type(e).__name__}: {str(e)[:300]}", False)
 
