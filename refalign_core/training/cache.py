@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +34,9 @@ from ..safetensors_io import read_safetensors, write_safetensors
 from ..text_encoder import encode_prompts
 from ..vae import encode_video
 from .buckets import assign_bucket
+from .config import DatasetSource
 from .data import ReferenceAugmentation, SkipCounter, file_identity, frames_at, load_video_clip, probe_video
-from .datasets import ClipEntry
+from .datasets import ClipEntry, read_datasets
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
@@ -333,3 +335,59 @@ class FeatureCache(torch.utils.data.Dataset):
     def vfm_dim(self) -> int:
         first = self[0]
         return int(first["vfm_tokens"].shape[-1]) if "vfm_tokens" in first else 0
+
+
+def _dataset_entries(config, output_dir: Path, accelerator) -> list[ClipEntry]:
+    """The clips of every configured dataset (a generated toy world when none is configured)."""
+    sources = config.data.datasets
+    if not sources:
+        from ..toy.world import make_toy_world
+
+        manifest = output_dir / "data" / "manifest.jsonl"
+        if accelerator.is_main_process and not manifest.is_file():
+            make_toy_world(output_dir / "data", seed=config.seed, num_videos=config.data.toy_world.num_videos,
+                           size=config.data.toy_world.size, frames=config.data.toy_world.frames)
+        accelerator.wait_for_everyone()
+        sources = [DatasetSource(path=str(manifest))]
+    skipped = SkipCounter()
+    entries = read_datasets(sources, skipped, config.data.max_references)
+    if skipped.total and accelerator.is_main_process:
+        logger.warning("datasets: %d entries skipped (%s)", skipped.total, skipped.reasons)
+    return entries
+
+
+def _log_estimate(cache_dir: Path, settings: CacheSettings, todo: list, total: int, encoders) -> None:
+    """How much the clips still to encode will take of the cache's disk, with a warning when it may not fit."""
+    mean_refs = sum(len(e.references) for e, _ in todo) / len(todo)
+    vfm_dim = 0 if settings.store_images else encoders.vfm.dim
+    sizes = estimate_sample_bytes(settings, mean_refs, encoders.text_encoder.dim, vfm_dim)
+    per_clip = sum(sizes.values())
+    free = shutil.disk_usage(cache_dir).free
+    logger.info("feature cache %s: %d of %d clips to encode, about %.1f MB each (%s) = %.2f GB; %.1f GB free",
+                cache_dir, len(todo), total, per_clip / 1e6,
+                ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()), per_clip * len(todo) / 1e9,
+                free / 1e9)
+    if per_clip * len(todo) > free:
+        logger.warning("the feature cache may not fit on the disk of %s", cache_dir)
+
+
+def prepare_cache(config, output_dir: Path, accelerator, encoders) -> FeatureCache:
+    """Build what is missing of the run's feature cache (all processes, each its share), then index this run's
+    clips."""
+    cache_dir = Path(config.data.cache_dir or output_dir / "cache")
+    entries = _dataset_entries(config, output_dir, accelerator)
+    if accelerator.is_main_process:
+        check_fingerprint(cache_dir, cache_fingerprint(config))
+    accelerator.wait_for_everyone()
+    settings = CacheSettings.from_config(config)
+    todo = missing_entries(entries, cache_dir)
+    if todo and accelerator.is_main_process:
+        _log_estimate(cache_dir, settings, todo, len(entries), encoders)
+    if todo:
+        build_cache(entries, cache_dir, settings, encoders, accelerator.process_index, accelerator.num_processes,
+                    progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_index(entries, cache_dir)
+    accelerator.wait_for_everyone()
+    return FeatureCache(cache_dir)

@@ -208,33 +208,38 @@ def _check_range(value, spec: dict, source: str, path: str) -> None:
         _fail(source, path, f"must be {'<' if spec.get('exclusive_maximum') else '≤'} {high}, got {value}")
 
 
+def _parse_section(tp, value, source: str, path: str):
+    """A config section (a dataclass): every key parsed, defaults filled in, required keys and ranges checked."""
+    if not isinstance(value, dict):
+        _fail(source, path, f"expected a section (key: value pairs), got {_describe(value)}")
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise RefAlignInputError(f"{source}: unknown key {', '.join(where + str(k) for k in unknown)} "
+                                 f"(known here: {', '.join(fields)})")
+    parsed = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        item = _parse(f.type, value[name], source, key) if name in value else None
+        if name not in value:
+            item = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if item is None and f.metadata.get("required"):
+            _fail(source, key, f"required: {f.metadata['required']}")
+        if item is not None and ("minimum" in f.metadata or "maximum" in f.metadata):
+            _check_range(item, f.metadata, source, key)
+        parsed[name] = item
+    result = tp(**parsed)
+    check = getattr(result, "_check", None)
+    if check is not None:
+        check(source, path)
+    return result
+
+
 def _parse(tp, value, source: str, path: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            _fail(source, path, f"expected a section (key: value pairs), got {_describe(value)}")
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            where = f"{path}." if path else ""
-            raise RefAlignInputError(f"{source}: unknown key {', '.join(where + str(k) for k in unknown)} "
-                                     f"(known here: {', '.join(fields)})")
-        parsed = {}
-        for name, f in fields.items():
-            key = f"{path}.{name}" if path else name
-            item = _parse(f.type, value[name], source, key) if name in value else None
-            if name not in value:
-                item = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if item is None and f.metadata.get("required"):
-                _fail(source, key, f"required: {f.metadata['required']}")
-            if item is not None and ("minimum" in f.metadata or "maximum" in f.metadata):
-                _check_range(item, f.metadata, source, key)
-            parsed[name] = item
-        result = tp(**parsed)
-        check = getattr(result, "_check", None)
-        if check is not None:
-            check(source, path)
-        return result
+        return _parse_section(tp, value, source, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
