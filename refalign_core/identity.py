@@ -218,12 +218,8 @@ def _subject_template(reference: torch.Tensor) -> tuple[np.ndarray, torch.Tensor
 
 
 @torch.no_grad()
-def check_identity(references, frames: torch.Tensor, embedder, masks=None, names=None,
-                   settings: IdentitySettings | None = None, backbone_name: str = "custom",
-                   face_embedder=None) -> IdentityReport:
-    """references: 1..K images (any form `fit_on_white` takes) or `Reference`s; frames `[T, H, W, 3]` float in [0, 1] (or uint8);
-    embedder: images -> grid tokens. Returns the per-subject report."""
-    settings = settings or IdentitySettings()
+def _checked_inputs(references, frames, masks, names):
+    """(reference images, float frames, masks, names), one entry per reference; one clear error for bad input."""
     records = as_references(references)  # `Reference`s bring their mask and name where none are given
     references = [record.image for record in records]
     if masks is None and any(record.mask is not None for record in records):
@@ -257,22 +253,52 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
     if len(masks) != len(references):
         raise RefAlignInputError(f"identity check: masks must be a list of {len(references)} (a mask or None per "
                                  "reference)")
-    total, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    indices = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(settings.sample_frames, total))})
+    return references, frames, masks, names
 
-    s = settings.reference_size
-    fitted = torch.stack([fit_on_white(r, s, s, m, name=n) for r, m, n in zip(references, masks, names)])
-    ref_tokens = embedder(fitted).float()  # [K, (s/16)², D]
-    g = s // 16
-    templates, ref_embeddings = [], []
+
+def _reference_embeddings(references, masks, names, embedder, size: int):
+    """Each reference fitted on white at `size`² and embedded: (copy-paste templates, `[K, D]` unit embeddings
+    pooled over the subject's tokens, or over all tokens where the subject covers none)."""
+    fitted = torch.stack([fit_on_white(r, size, size, m, name=n) for r, m, n in zip(references, masks, names)])
+    ref_tokens = embedder(fitted).float()  # [K, (size/16)², D]
+    templates, embeddings = [], []
     for k, ref in enumerate(fitted):
         template, mask = _subject_template(ref)
         templates.append(template)
         token_mask = F.avg_pool2d(mask[None, None].float(), 16).flatten() > 0.2
         if not token_mask.any():
-            token_mask = torch.ones(g * g, dtype=torch.bool)
-        ref_embeddings.append(F.normalize(ref_tokens[k][token_mask].sum(0), dim=0))
-    refs = torch.stack(ref_embeddings)  # [K, D]
+            token_mask = torch.ones((size // 16) ** 2, dtype=torch.bool)
+        embeddings.append(F.normalize(ref_tokens[k][token_mask].sum(0), dim=0))
+    return templates, torch.stack(embeddings)
+
+
+def _confusion_flags(matrix, pixel_boxes, names, settings: IdentitySettings) -> list[str]:
+    """A region that looks more like another subject's reference than its own, and two subjects found on the same
+    region in at least half of the frames."""
+    flags, count = [], matrix.shape[0]
+    for j in range(count):
+        for i in range(count):
+            if i != j and matrix[i, j] > matrix[j, j] + settings.confusion_margin:
+                flags.append(f"the region of {names[j]} looks more like {names[i]}'s reference "
+                             f"({matrix[i, j]:.3f} > {matrix[j, j]:.3f})")
+    for i in range(count):
+        for j in range(i + 1, count):
+            shared = np.mean([_iou(b[i], b[j]) > settings.same_region_iou for b in pixel_boxes])
+            if shared >= 0.5:
+                flags.append(f"{names[i]} and {names[j]} land on the same region in {shared:.0%} of the frames")
+    return flags
+
+
+def check_identity(references, frames: torch.Tensor, embedder, masks=None, names=None,
+                   settings: IdentitySettings | None = None, backbone_name: str = "custom",
+                   face_embedder=None) -> IdentityReport:
+    """references: 1..K images (any form `fit_on_white` takes) or `Reference`s; frames `[T, H, W, 3]` float in
+    [0, 1] (or uint8); embedder: images -> grid tokens. Returns the per-subject report."""
+    settings = settings or IdentitySettings()
+    references, frames, masks, names = _checked_inputs(references, frames, masks, names)
+    total, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+    indices = sorted({int(round(i)) for i in np.linspace(0, total - 1, min(settings.sample_frames, total))})
+    templates, refs = _reference_embeddings(references, masks, names, embedder, settings.reference_size)  # [K, D]
 
     scale = settings.frame_short_side / min(height, width)
     work_h, work_w = _round16(height * scale), _round16(width * scale)
@@ -281,7 +307,6 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
     gh, gw = work_h // 16, work_w // 16
     tokens = torch.cat([embedder(work[i:i + 8]).float() for i in range(0, len(work), 8)]).view(-1, gh, gw, refs.shape[1])
 
-    k_refs = refs.shape[0]
     scores, global_scores, boxes, pooled = [], [], [], []
     heatmaps = torch.einsum("nyxd,kd->knyx", F.normalize(tokens, dim=-1), refs)
     for frame_tokens in tokens:
@@ -294,24 +319,12 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
     px = torch.tensor([width / gw, height / gh, width / gw, height / gh])
     pixel_boxes = (torch.stack(boxes) * px).tolist()  # [N][K][4] in original frame pixels
 
-    flags = []
-    for j in range(k_refs):
-        for i in range(k_refs):
-            if i != j and matrix[i, j] > matrix[j, j] + settings.confusion_margin:
-                flags.append(f"the region of {names[j]} looks more like {names[i]}'s reference "
-                             f"({matrix[i, j]:.3f} > {matrix[j, j]:.3f})")
-    for i in range(k_refs):
-        for j in range(i + 1, k_refs):
-            shared = np.mean([_iou(b[i], b[j]) > settings.same_region_iou for b in pixel_boxes])
-            if shared >= 0.5:
-                flags.append(f"{names[i]} and {names[j]} land on the same region in {shared:.0%} of the frames")
-
     frames_u8 = to_uint8_frames(frames)
     work_gray = [_gray(cv2.resize(frames_u8[i], (work_w, work_h), interpolation=cv2.INTER_AREA)) for i in indices]
     to_work = np.array([work_w / width, work_h / height, work_w / width, work_h / height])
     faces = _face_reports(references, frames_u8, indices, face_embedder) if face_embedder is not None else None
     subjects = []
-    for k in range(k_refs):
+    for k in range(len(references)):
         work_boxes = [list(np.array(b[k]) * to_work) for b in pixel_boxes]
         subjects.append(SubjectReport(
             index=k, name=names[k], mean=float(scores[:, k].mean()), min=float(scores[:, k].min()),
@@ -322,8 +335,8 @@ def check_identity(references, frames: torch.Tensor, embedder, masks=None, names
         ))
     return IdentityReport(
         frame_indices=indices, frame_size=[height, width], subjects=subjects, confusion_matrix=matrix.tolist(),
-        confusion_flags=flags, motion_amplitude=motion_amplitude(frames_u8), backbone=backbone_name,
-        heatmaps=heatmaps.numpy(),
+        confusion_flags=_confusion_flags(matrix, pixel_boxes, names, settings),
+        motion_amplitude=motion_amplitude(frames_u8), backbone=backbone_name, heatmaps=heatmaps.numpy(),
     )
 
 
