@@ -1,5 +1,8 @@
-"""RefAlign node pack for ComfyUI (loaded by ComfyUI from this folder; relative imports only)."""
+"""RefAlign node pack for ComfyUI (loaded by ComfyUI from this folder; relative imports only). ComfyUI registers the
+nodes through `comfy_entrypoint` (V3); importing the pack imports nothing of ComfyUI or of the nodes."""
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+async def comfy_entrypoint():
+    from .nodes import RefAlignExtension
+
+    return RefAlignExtension()

@@ -3,55 +3,58 @@ video latent, for RefAlign Guider + SamplerCustomAdvanced (core DualCFGGuider gi
 positive, cond2 = negative_text, negative = negative_img_text, cfg_conds = s_txt, cfg_cond2_negative = s_img)."""
 
 import torch
+from comfy_api.latest import io
 
-from ..refalign_core.sampler import UNCOND_REFERENCES, SamplingSettings, zero_references
+from ..refalign_core.sampler import SamplingSettings, zero_references
 from . import runtime
 from .native import ComfyVAECodec, subject_conditioning
+from .references import REFERENCES
+from .sampler import uncond_references_input, video_size_inputs
 
-MAX_RESOLUTION = 8192
+
+def reference_conditionings(positive, negative, vae, references, settings: SamplingSettings, batch_size: int):
+    """(positive, negative_text, negative_img_text, LATENT): RefAlign's three conditionings and the empty latent."""
+    import comfy.latent_formats
+
+    reference_latents = ComfyVAECodec(vae).encode_raw(references.fitted(settings.width, settings.height))
+    zeros = zero_references(reference_latents, settings.uncond_references)
+    uncond = comfy.latent_formats.Wan21().process_out(zeros)  # exact zeros again after the model's process_in
+    conds = subject_conditioning(positive, negative, reference_latents, uncond)
+    shape = (batch_size, *settings.latent_shape(reference_latents.shape[1])[1:])
+    return (*conds, {"samples": torch.zeros(shape, device=runtime.intermediate_device())})
 
 
-class RefAlignSubjectConditioning:
-    DESCRIPTION = ("RefAlign's reference conditioning on the native path (like Wan Phantom Subject To Video, but "
-                   "RefAlign's way): each reference is fitted on white (never centre-cropped, masks whiten the "
-                   "background), VAE-encoded alone as a 1-frame clip and appended after the video frames; the "
-                   "unconditional pass gets exact zero reference latents. Wire the three conditionings into RefAlign "
-                   "Guider, and the latent into SamplerCustomAdvanced.")
-    CATEGORY = "RefAlign"
-    FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative_text", "negative_img_text", "latent")
-    OUTPUT_TOOLTIPS = ("Prompt + references (c_txt).", "Negative prompt + references (c_img).",
-                       "Negative prompt + zeroed references (u).", "Empty video latent of the given size.")
+class RefAlignSubjectConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefAlignSubjectConditioning", display_name="RefAlign Subject Conditioning", category="RefAlign",
+            description="RefAlign's reference conditioning on the native path (like Wan Phantom Subject To Video, but "
+                        "RefAlign's way): each reference is fitted on white (never centre-cropped, masks whiten the "
+                        "background), VAE-encoded alone as a 1-frame clip and appended after the video frames; the "
+                        "unconditional pass gets exact zero reference latents. Wire the three conditionings into "
+                        "RefAlign Guider, and the latent into SamplerCustomAdvanced.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The prompt (Wan text encoder); describe each subject."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE."),
+                REFERENCES.Input("references", tooltip="From RefAlign Multi-Subject Reference (≤ 3 recommended)."),
+                *video_size_inputs(),
+                io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Videos per run."),
+                uncond_references_input(),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="Prompt + references (c_txt)."),
+                io.Conditioning.Output(display_name="negative_text", tooltip="Negative prompt + references (c_img)."),
+                io.Conditioning.Output(display_name="negative_img_text",
+                                       tooltip="Negative prompt + zeroed references (u)."),
+                io.Latent.Output(display_name="latent", tooltip="Empty video latent of the given size."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING", {"tooltip": "The prompt (Wan text encoder); describe each subject."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "vae": ("VAE", {"tooltip": "The Wan2.1 VAE."}),
-            "references": ("REFALIGN_REFS", {"tooltip": "From RefAlign Multi-Subject Reference (≤ 3 recommended)."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                              "tooltip": "Video width, a multiple of 16."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                               "tooltip": "Video height, a multiple of 16."}),
-            "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
-                               "tooltip": "Number of frames, 4n+1."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Videos per run."}),
-            "uncond_references": (list(UNCOND_REFERENCES), {"default": "zeros_per_reference", "tooltip":
-                                  "Unconditional pass: K zero reference frames (official inference) or one zero "
-                                  "frame (as in training)."}),
-        }}
-
-    def encode(self, positive, negative, vae, references, width, height, length, batch_size, uncond_references):
-        import comfy.latent_formats
-
+    def execute(cls, positive, negative, vae, references, width, height, length, batch_size,
+                uncond_references) -> io.NodeOutput:
         settings = SamplingSettings(width=width, height=height, num_frames=length,
                                     uncond_references=uncond_references)  # validates the sizes
-        reference_latents = ComfyVAECodec(vae).encode_raw(references.fitted(width, height))
-        zeros = zero_references(reference_latents, uncond_references)
-        uncond = comfy.latent_formats.Wan21().process_out(zeros)  # exact zeros again after the model's process_in
-        conds = subject_conditioning(positive, negative, reference_latents, uncond)
-        shape = (batch_size, *settings.latent_shape(reference_latents.shape[1])[1:])
-        latent = torch.zeros(shape, device=runtime.intermediate_device())
-        return (*conds, {"samples": latent})
+        return io.NodeOutput(*reference_conditionings(positive, negative, vae, references, settings, batch_size))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 from PIL import Image
 
 from ..refalign_core.errors import RefAlignInputError
@@ -25,17 +26,18 @@ def load_example(name: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).float().div(255)[None]
 
 
-class RefAlignExampleImage:
-    DESCRIPTION = "One of the pack's example reference images (the embedded toy model's subjects)."
-    CATEGORY = "RefAlign"
-    FUNCTION = "load"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("The example image, for RefAlign Multi-Subject Reference.",)
+class RefAlignExampleImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefAlignExampleImage", display_name="RefAlign Example Image", category="RefAlign",
+            description="One of the pack's example reference images (the embedded toy model's subjects), read in "
+                        "place: nothing is copied into ComfyUI's input folder.",
+            inputs=[io.Combo.Input("image", options=example_images(), tooltip="An example subject of the toy world.")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The example image, for RefAlign Multi-Subject "
+                                                                   "Reference.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": (example_images(), {"tooltip": "An example subject of the toy world."})}}
-
-    def load(self, image):
-        return (load_example(image),)
+    def execute(cls, image) -> io.NodeOutput:
+        return io.NodeOutput(load_example(image))

@@ -3,12 +3,14 @@
 import numpy as np
 import torch
 import torch.nn.functional as F
+from comfy_api.latest import io
 
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.identity import IdentitySettings, check_identity
 from ..refalign_core.identity_sheet import contact_sheet
 from ..refalign_core.vfm import load_vfm
 from . import runtime
+from .references import REFERENCES
 
 MAX_SUBJECTS = 4
 _DEFAULT_BACKBONE = {}
@@ -43,55 +45,70 @@ def default_backbone():
     return _DEFAULT_BACKBONE["efficientnet"]
 
 
-class RefAlignIdentityCheck:
-    DESCRIPTION = ("Scores whether the generated frames keep each reference subject: identity per subject (best "
-                   "matching region, per frame), multi-subject confusion, copy-paste of the reference, optional face "
-                   "similarity, and motion. Uses the connected CLIP_VISION model, else an offline EfficientNet.")
-    CATEGORY = "RefAlign"
-    FUNCTION = "check"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("FLOAT",) * (1 + MAX_SUBJECTS) + ("STRING", "IMAGE")
-    RETURN_NAMES = ("overall",) + tuple(f"subject_{k}" for k in range(1, MAX_SUBJECTS + 1)) + ("report", "sheet")
-    OUTPUT_TOOLTIPS = (("Mean identity over subjects (cosine, higher is better).",)
-                       + tuple(f"Identity of subject {k} (0 when absent)." for k in range(1, MAX_SUBJECTS + 1))
-                       + ("The text report (also shown on the node).",
-                          "Contact sheet: references, frames with each subject's region, heat maps, flags."))
+def identity_outputs(frames, references=None, reference_images=None, clip_vision=None, faces: bool = False,
+                     sample_frames: int = 32):
+    """(overall, subject_1..4, report text, sheet `[1, H, W, 3]`, ui) for generated frames `[T, H, W, 3]`."""
+    if references is not None:
+        refs, masks = references.images, references.masks
+    elif reference_images is not None:
+        refs, masks = list(reference_images), None
+    else:
+        raise RefAlignInputError("no references: connect references (REFALIGN_REFS) or reference_images")
+    if len(refs) > MAX_SUBJECTS:
+        raise RefAlignInputError(f"{len(refs)} references: at most {MAX_SUBJECTS} are supported")
+    embedder = ClipVisionTokens(clip_vision) if clip_vision is not None else default_backbone()
+    face_embedder = None
+    if faces:
+        from ..refalign_core.faces import FaceEmbedder
+        face_embedder = FaceEmbedder()
+    report = check_identity(refs, frames.cpu(), embedder, masks=masks,
+                            settings=IdentitySettings(sample_frames=sample_frames),
+                            backbone_name="clip_vision" if clip_vision is not None else "efficientnet-lite0",
+                            face_embedder=face_embedder)
+    sheet = contact_sheet(report, refs, frames.cpu())
+    sheet_tensor = torch.from_numpy(np.asarray(sheet).copy()).float().div(255)[None]
+    scores = [s.mean for s in report.subjects] + [0.0] * (MAX_SUBJECTS - len(report.subjects))
+    text = report.summary()
+    ui = {"text": [text], "images": runtime.temp_image_output(sheet, "refalign_identity")}
+    return (report.overall, *scores, text, sheet_tensor.to(runtime.intermediate_device())), ui
+
+
+class RefAlignIdentityCheck(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        subjects = [io.Float.Output(display_name=f"subject_{k}", tooltip=f"Identity of subject {k} (0 when absent).")
+                    for k in range(1, MAX_SUBJECTS + 1)]
+        return io.Schema(
+            node_id="RefAlignIdentityCheck", display_name="RefAlign Identity Check", category="RefAlign",
+            description="Scores whether the generated frames keep each reference subject: identity per subject "
+                        "(best matching region, per frame), multi-subject confusion, copy-paste of the reference, "
+                        "optional face similarity, and motion. Uses the connected CLIP_VISION model, else an offline "
+                        "EfficientNet.",
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("frames", tooltip="The generated video frames."),
+                io.Boolean.Input("faces", default=False, tooltip="Also compare faces (dlib; needs the 'faces' "
+                                                                 "extra)."),
+                io.Int.Input("sample_frames", default=32, min=1, max=1024,
+                             tooltip="Frames scored, sampled uniformly (OpenS2V uses 32)."),
+                REFERENCES.Input("references", optional=True, tooltip="The references given to the sampler."),
+                io.Image.Input("reference_images", optional=True,
+                               tooltip="Or reference images as a batch, one per subject."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="Backbone for identity (e.g. DINOv2 via "
+                                    "Load CLIP Vision); default: offline EfficientNet-Lite0."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="overall", tooltip="Mean identity over subjects (cosine, higher is "
+                                                                "better)."),
+                *subjects,
+                io.String.Output(display_name="report", tooltip="The text report (also shown on the node)."),
+                io.Image.Output(display_name="sheet", tooltip="Contact sheet: references, frames with each subject's "
+                                                              "region, heat maps, flags."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "frames": ("IMAGE", {"tooltip": "The generated video frames."}),
-            "faces": ("BOOLEAN", {"default": False, "tooltip": "Also compare faces (dlib; needs the 'faces' extra)."}),
-            "sample_frames": ("INT", {"default": 32, "min": 1, "max": 1024,
-                                      "tooltip": "Frames scored, sampled uniformly (OpenS2V uses 32)."}),
-        }, "optional": {
-            "references": ("REFALIGN_REFS", {"tooltip": "The references given to the sampler."}),
-            "reference_images": ("IMAGE", {"tooltip": "Or reference images as a batch, one per subject."}),
-            "clip_vision": ("CLIP_VISION", {"tooltip": "Backbone for identity (e.g. DINOv2 via Load CLIP Vision); "
-                                                       "default: offline EfficientNet-Lite0."}),
-        }}
-
-    def check(self, frames, faces, sample_frames, references=None, reference_images=None, clip_vision=None):
-        if references is not None:
-            refs, masks = references.images, references.masks
-        elif reference_images is not None:
-            refs, masks = list(reference_images), None
-        else:
-            raise RefAlignInputError("no references: connect references (REFALIGN_REFS) or reference_images")
-        if len(refs) > MAX_SUBJECTS:
-            raise RefAlignInputError(f"{len(refs)} references: at most {MAX_SUBJECTS} are supported")
-        embedder = ClipVisionTokens(clip_vision) if clip_vision is not None else default_backbone()
-        face_embedder = None
-        if faces:
-            from ..refalign_core.faces import FaceEmbedder
-            face_embedder = FaceEmbedder()
-        report = check_identity(refs, frames.cpu(), embedder, masks=masks,
-                                settings=IdentitySettings(sample_frames=sample_frames),
-                                backbone_name="clip_vision" if clip_vision is not None else "efficientnet-lite0",
-                                face_embedder=face_embedder)
-        sheet = contact_sheet(report, refs, frames.cpu())
-        sheet_tensor = torch.from_numpy(np.asarray(sheet).copy()).float().div(255)[None]
-        scores = [s.mean for s in report.subjects] + [0.0] * (MAX_SUBJECTS - len(report.subjects))
-        text = report.summary()
-        ui = {"text": [text], "images": runtime.temp_image_output(sheet, "refalign_identity")}
-        return {"ui": ui, "result": (report.overall, *scores, text, sheet_tensor.to(runtime.intermediate_device()))}
+    def execute(cls, frames, faces, sample_frames, references=None, reference_images=None,
+                clip_vision=None) -> io.NodeOutput:
+        result, ui = identity_outputs(frames, references, reference_images, clip_vision, faces, sample_frames)
+        return io.NodeOutput(*result, ui=ui)

@@ -4,6 +4,7 @@ VAE). The DiT is loaded by ComfyUI (`native.load_native_dit`), so its memory man
 model patches apply."""
 
 import torch
+from comfy_api.latest import io
 
 from ..refalign_core.bundles import embedded_bundles, read_bundle
 from ..refalign_core.errors import RefAlignInputError
@@ -46,36 +47,34 @@ def load_refalign(unet_name: str, weight_dtype: str = "default"):
     return model, clip, vae
 
 
-class RefAlignLoader:
-    DESCRIPTION = ("Loads a RefAlign / Wan2.1-T2V DiT (original, ComfyUI or diffusers key names; fp32, bf16, fp16 or "
-                   "fp8 weights) from models/diffusion_models or models/refalign as a native ComfyUI MODEL with the "
-                   "RefAlign patch, or a bundle folder with its own text encoder and VAE (such as the embedded toy "
-                   "model, which runs on CPU without downloads). Chain LoRA loaders and model patches on its MODEL.")
-    CATEGORY = "RefAlign"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("model", "clip", "vae")
-    OUTPUT_TOOLTIPS = ("The DiT as a native ComfyUI MODEL with the RefAlign patch.",
-                       "A bundle's text encoder (for CLIP Text Encode); none for a plain DiT file: use Load CLIP "
-                       "(umt5_xxl, type wan).",
-                       "A bundle's VAE; none for a plain DiT file: use Load VAE (wan_2.1_vae).")
-
+class RefAlignLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         runtime.register_model_folder()
-        return {"required": {
-            "unet_name": (model_choices(), {"tooltip": "A DiT .safetensors from models/diffusion_models or "
-                                                       "models/refalign (e.g. RefAlign-1.3B), a bundle folder in "
-                                                       "models/refalign, or the embedded toy model."}),
-            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "How the DiT weights are kept "
-                             "in memory, as in Load Diffusion Model; fp8 halves memory."}),
-        }}
-
-    def load(self, unet_name, weight_dtype):
-        return load_refalign(unet_name, weight_dtype)
+        return io.Schema(
+            node_id="RefAlignLoader", display_name="RefAlign Loader", category="RefAlign",
+            description="Loads a RefAlign / Wan2.1-T2V DiT (original, ComfyUI or diffusers key names; fp32, bf16, fp16 "
+                        "or fp8 weights) from models/diffusion_models or models/refalign as a native ComfyUI MODEL "
+                        "with the RefAlign patch, or a bundle folder with its own text encoder and VAE (such as the "
+                        "embedded toy model, which runs on CPU without downloads). Chain LoRA loaders and model "
+                        "patches on its MODEL.",
+            inputs=[
+                io.Combo.Input("unet_name", options=model_choices(), tooltip="A DiT .safetensors from "
+                               "models/diffusion_models or models/refalign (e.g. RefAlign-1.3B), a bundle folder in "
+                               "models/refalign, or the embedded toy model."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", tooltip="How the DiT "
+                               "weights are kept in memory, as in Load Diffusion Model; fp8 halves memory."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The DiT as a native ComfyUI MODEL with the RefAlign "
+                                                              "patch."),
+                io.Clip.Output(display_name="clip", tooltip="A bundle's text encoder (for CLIP Text Encode); none for "
+                                                            "a plain DiT file: use Load CLIP (umt5_xxl, type wan)."),
+                io.Vae.Output(display_name="vae", tooltip="A bundle's VAE; none for a plain DiT file: use Load VAE "
+                                                          "(wan_2.1_vae)."),
+            ],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name, weight_dtype):
-        if weight_dtype not in WEIGHT_DTYPES:
-            return f"weight_dtype must be one of {list(WEIGHT_DTYPES)}"
-        return True
+    def execute(cls, unet_name, weight_dtype) -> io.NodeOutput:
+        return io.NodeOutput(*load_refalign(unet_name, weight_dtype))

@@ -3,9 +3,13 @@
 from dataclasses import dataclass, field
 
 import torch
+from comfy_api.latest import io
 
 from ..refalign_core.errors import RefAlignInputError
-from ..refalign_core.references import MAX_REFERENCES, Reference, prepare_references
+from ..refalign_core.references import (MAX_REFERENCES, RECOMMENDED_MAX_REFERENCES, Reference,
+                                         prepare_references)
+
+REFERENCES = io.Custom("REFALIGN_REFS")  # a ReferenceSet
 
 
 @dataclass
@@ -52,33 +56,39 @@ def collect_references(images, masks) -> ReferenceSet:
     return ReferenceSet(subjects)
 
 
-class RefAlignMultiSubjectReference:
-    DESCRIPTION = ("Collects 1–4 subject references (people, objects, scenes). Each is fitted into the video size "
-                   "keeping its aspect and padded with white — never cropped; a mask turns its background white. "
-                   "Describe every subject in the prompt.")
-    CATEGORY = "RefAlign"
-    FUNCTION = "collect"
-    RETURN_TYPES = ("REFALIGN_REFS", "IMAGE")
-    RETURN_NAMES = ("references", "preview")
-    OUTPUT_TOOLTIPS = ("The subject references for the R2V Sampler and the Identity Check.",
-                       "The references as the model sees them (fitted on white at width × height).")
+class RefAlignMultiSubjectReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        slots = []
+        for k in range(1, MAX_REFERENCES + 1):
+            slots += [io.Image.Input(f"image_{k}", optional=True,
+                                     tooltip=f"Subject {k} (a batch adds one subject per image)."),
+                      io.Mask.Input(f"mask_{k}", optional=True, tooltip=f"Optional mask for image_{k}: white = "
+                                    "subject; the rest becomes white and the image is cropped to the subject.")]
+        return io.Schema(
+            node_id="RefAlignMultiSubjectReference", display_name="RefAlign Multi-Subject Reference",
+            category="RefAlign",
+            description="Collects 1–4 subject references (people, objects, scenes). Each is fitted into the video "
+                        "size keeping its aspect and padded with white — never cropped; a mask turns its background "
+                        f"white. Describe every subject in the prompt. More than {RECOMMENDED_MAX_REFERENCES} runs, "
+                        "with a warning: the released models were trained with at most that many.",
+            inputs=[
+                io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                             tooltip="Preview width (the sampler fits the references at its own size)."),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16,
+                             tooltip="Preview height, a multiple of 16."),
+                *slots,
+            ],
+            outputs=[
+                REFERENCES.Output(display_name="references", tooltip="The subject references for the R2V Sampler "
+                                                                     "and the Identity Check."),
+                io.Image.Output(display_name="preview", tooltip="The references as the model sees them (fitted on "
+                                                                "white at width × height)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        optional = {}
-        for k in range(1, MAX_REFERENCES + 1):
-            optional[f"image_{k}"] = ("IMAGE", {"tooltip": f"Subject {k} (a batch adds one subject per image)."})
-            optional[f"mask_{k}"] = ("MASK", {"tooltip": f"Optional mask for image_{k}: white = subject; the rest "
-                                                         "becomes white and the image is cropped to the subject."})
-        return {"required": {
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
-                              "tooltip": "Preview width (the sampler fits the references at its own size)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                               "tooltip": "Preview height, a multiple of 16."}),
-        }, "optional": optional}
-
-    def collect(self, width, height, **inputs):
+    def execute(cls, width, height, **inputs) -> io.NodeOutput:
         refs = collect_references([inputs.get(f"image_{k}") for k in range(1, MAX_REFERENCES + 1)],
                                   [inputs.get(f"mask_{k}") for k in range(1, MAX_REFERENCES + 1)])
-        preview = refs.fitted(width, height).permute(0, 2, 3, 1).contiguous()
-        return (refs, preview)
+        return io.NodeOutput(refs, refs.fitted(width, height).permute(0, 2, 3, 1).contiguous())

@@ -2,13 +2,46 @@
 and LATENT, in one node. It is built on the same pieces as the modular wiring (Subject Conditioning → RefAlign Guider
 → SamplerCustomAdvanced): `refalign_core.pipeline.generate` with the native denoiser and the ComfyUI VAE as codec."""
 
+from comfy_api.latest import io
+
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.pipeline import generate
 from ..refalign_core.sampler import SAMPLERS, UNCOND_REFERENCES, SamplingSettings
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched
+from .references import REFERENCES
 
 MAX_RESOLUTION = 8192
+
+
+def patched_model_input():
+    return io.Model.Input("model", tooltip="From RefAlign Loader, or a Wan2.1 MODEL through RefAlign Model Patch.")
+
+
+def video_size_inputs() -> list:
+    return [io.Int.Input("width", default=832, min=16, max=MAX_RESOLUTION, step=16,
+                         tooltip="Video width, a multiple of 16."),
+            io.Int.Input("height", default=480, min=16, max=MAX_RESOLUTION, step=16,
+                         tooltip="Video height, a multiple of 16."),
+            io.Int.Input("length", default=81, min=1, max=1025, step=4,
+                         tooltip="Number of frames, 4n+1 (81 = 5 s at 16 fps).")]
+
+
+def guidance_inputs() -> list:
+    return [io.Float.Input("image_guidance", default=5.0, min=0.0, max=30.0, step=0.1,
+                           tooltip="s_img: pull towards the references (official 5.0)."),
+            io.Float.Input("text_guidance", default=7.5, min=0.0, max=30.0, step=0.1,
+                           tooltip="s_txt: pull towards the prompt (official 7.5).")]
+
+
+def uncond_references_input():
+    return io.Combo.Input("uncond_references", options=list(UNCOND_REFERENCES), default="zeros_per_reference",
+                          tooltip="Unconditional pass: K zero reference frames (official inference) or one zero frame "
+                                  "(as in training).")
+
+
+def three_pass_steps_input(tooltip: str):
+    return io.Int.Input("three_pass_steps", default=-1, min=-1, max=1000, optional=True, tooltip=tooltip)
 
 
 def check_model_and_text(model, **conditionings) -> None:
@@ -37,63 +70,62 @@ def check_vae(model, vae) -> None:
                                  "(not the Wan2.2 one)")
 
 
-class RefAlignR2VSampler:
-    DESCRIPTION = ("Generates a video from the prompt and the subject references with RefAlign three-pass "
-                   "guidance: v = u + s_img·(c_img − u) + s_txt·(c_txt − c_img), on ComfyUI's own MODEL (LoRA "
-                   "loaders and other model patches apply; ComfyUI's progress bar and previews). One node for what "
-                   "Subject Conditioning + RefAlign Guider + SamplerCustomAdvanced do step by step.")
-    CATEGORY = "RefAlign"
-    FUNCTION = "sample"
-    RETURN_TYPES = ("IMAGE", "LATENT")
-    RETURN_NAMES = ("frames", "latent")
-    OUTPUT_TOOLTIPS = ("The video frames (connect to Create Video / Save Video).",
-                       "The video latent in the Wan2.1 VAE's space, for VAE Decode or further sampling.")
+def sample_video(model, positive, negative, vae, references, settings: SamplingSettings, previews: bool = True):
+    """(frames `[T, H, W, 3]` in [0, 1], LATENT in the Wan2.1 VAE's space) from the checked inputs."""
+    check_model_and_text(model, positive=positive, negative=negative)
+    check_vae(model, vae)
+    codec = ComfyVAECodec(vae)
+    result = generate(NativeDenoiser(model, previews), codec, (positive, negative), settings,
+                      references=references.references, cancel_check=runtime.check_interrupted)
+    out = runtime.intermediate_device()
+    return result.frames.clamp(0, 1).to(out), {"samples": codec.to_vae_space(result.latents).to(out)}
+
+
+class RefAlignR2VSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RefAlignR2VSampler", display_name="RefAlign R2V Sampler", category="RefAlign",
+            description="Generates a video from the prompt and the subject references with RefAlign three-pass "
+                        "guidance: v = u + s_img·(c_img − u) + s_txt·(c_txt − c_img), on ComfyUI's own MODEL (LoRA "
+                        "loaders and other model patches apply; ComfyUI's progress bar and previews). One node for "
+                        "what Subject Conditioning + RefAlign Guider + SamplerCustomAdvanced do step by step.",
+            inputs=[
+                patched_model_input(),
+                io.Conditioning.Input("positive", tooltip="The prompt (CLIP Text Encode); describe each subject."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Vae.Input("vae", tooltip="The Wan2.1 VAE, or a bundle's VAE from RefAlign Loader."),
+                REFERENCES.Input("references", tooltip="From RefAlign Multi-Subject Reference."),
+                *video_size_inputs(),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps."),
+                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
+                               tooltip="Flow-matching timestep shift (RefAlign uses 5); it sets the sigma schedule."),
+                *guidance_inputs(),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed gives the same video on every device."),
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="euler",
+                               tooltip="euler (official) or unipc."),
+                uncond_references_input(),
+                three_pass_steps_input("-1: three-pass guidance on every step. n: on the first n steps, then the "
+                                       "prompt pass alone (for step-distill LoRAs such as lightx2v: e.g. 4 steps, "
+                                       "shift 5, n = 1)."),
+                io.Boolean.Input("previews", default=True, optional=True,
+                                 tooltip="Latent previews in the progress bar."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="The video frames (connect to Create Video / Save "
+                                                               "Video)."),
+                io.Latent.Output(display_name="latent", tooltip="The video latent in the Wan2.1 VAE's space, for VAE "
+                                                                "Decode or further sampling."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "From RefAlign Loader, or a Wan2.1 MODEL through RefAlign Model Patch."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt (CLIP Text Encode); describe each subject."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "vae": ("VAE", {"tooltip": "The Wan2.1 VAE, or a bundle's VAE from RefAlign Loader."}),
-            "references": ("REFALIGN_REFS", {"tooltip": "From RefAlign Multi-Subject Reference."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                              "tooltip": "Video width, a multiple of 16."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                               "tooltip": "Video height, a multiple of 16."}),
-            "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
-                               "tooltip": "Number of frames, 4n+1 (81 = 5 s at 16 fps)."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
-            "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1,
-                                "tooltip": "Flow-matching timestep shift (RefAlign uses 5); it sets the sigma "
-                                           "schedule."}),
-            "image_guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                         "tooltip": "s_img: pull towards the references (official 5.0)."}),
-            "text_guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
-                                        "tooltip": "s_txt: pull towards the prompt (official 7.5)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Noise seed; the same seed gives the same video on every device."}),
-            "sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "euler (official) or unipc."}),
-            "uncond_references": (list(UNCOND_REFERENCES), {"default": "zeros_per_reference", "tooltip":
-                                  "Unconditional pass: K zero reference frames (official inference) or one zero "
-                                  "frame (as in training)."}),
-        }, "optional": {
-            "three_pass_steps": ("INT", {"default": -1, "min": -1, "max": 1000, "tooltip": "-1: three-pass guidance "
-                                 "on every step. n: on the first n steps, then the prompt pass alone (for step-distill "
-                                 "LoRAs such as lightx2v: e.g. 4 steps, shift 5, n = 1)."}),
-            "previews": ("BOOLEAN", {"default": True, "tooltip": "Latent previews in the progress bar."}),
-        }}
-
-    def sample(self, model, positive, negative, vae, references, width, height, length, steps, shift,
-               image_guidance, text_guidance, seed, sampler, uncond_references, three_pass_steps=-1, previews=True):
+    def execute(cls, model, positive, negative, vae, references, width, height, length, steps, shift,
+                image_guidance, text_guidance, seed, sampler, uncond_references, three_pass_steps=-1,
+                previews=True) -> io.NodeOutput:
         settings = SamplingSettings(width=width, height=height, num_frames=length, steps=steps, shift=shift,
                                     image_scale=image_guidance, text_scale=text_guidance, sampler=sampler,
                                     seed=seed, uncond_references=uncond_references,
                                     guidance_steps=None if three_pass_steps < 0 else min(three_pass_steps, steps))
-        check_model_and_text(model, positive=positive, negative=negative)
-        check_vae(model, vae)
-        codec = ComfyVAECodec(vae)
-        result = generate(NativeDenoiser(model, previews), codec, (positive, negative), settings,
-                          references=references.references, cancel_check=runtime.check_interrupted)
-        out = runtime.intermediate_device()
-        return (result.frames.clamp(0, 1).to(out), {"samples": codec.to_vae_space(result.latents).to(out)})
+        return io.NodeOutput(*sample_video(model, positive, negative, vae, references, settings, previews))

@@ -15,3 +15,20 @@ def load_pack(name: str = "refalign_pack"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pack_nodes(pack) -> dict:
+    """The pack's node classes by node id, as ComfyUI registers them (`comfy_entrypoint` → `get_node_list`), with the
+    V3 API stand-in unless a real ComfyUI is loaded."""
+    import asyncio
+
+    import comfy_api_stub
+
+    comfy_api_stub.install()
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+def run_node(cls, **inputs) -> tuple:
+    """A node's outputs for these inputs, as ComfyUI runs it (`execute`)."""
+    return cls.execute(**inputs).result

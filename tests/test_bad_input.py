@@ -258,26 +258,26 @@ CASES = [
                                                                            torch.rand(3, 32, 32, 3), None)),
          RefAlignInputError, "references"),
     # ComfyUI nodes (stand-ins for ComfyUI's runtime; the pack's own RefAlignInputError class, a ValueError)
-    Case("node Loader unknown model", api(lambda i, o: node(o, "RefAlignLoader", "load", "nope.safetensors",
+    Case("node Loader unknown model", api(lambda i, o: node(o, "RefAlignLoader", "nope.safetensors",
                                                              "default")), ValueError, "unet_name: nope"),
-    Case("node Loader weight dtype", api(lambda i, o: node(o, "RefAlignLoader", "load", "nope.safetensors",
+    Case("node Loader weight dtype", api(lambda i, o: node(o, "RefAlignLoader", "nope.safetensors",
                                                             "fp4")), ValueError, "weight_dtype"),
-    Case("node references NaN image", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", "collect", 64, 64,
+    Case("node references NaN image", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64,
                                                             image_1=torch.full((1, 32, 32, 3), math.nan))),
          ValueError, "NaN"),
-    Case("node references none", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", "collect", 64, 64)),
+    Case("node references none", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64)),
          ValueError, "no references"),
-    Case("node references size", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", "collect", 65, 64,
+    Case("node references size", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 65, 64,
                                                        image_1=torch.rand(1, 32, 32, 3))), ValueError,
          "multiples of 16"),
-    Case("node references five", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", "collect", 64, 64,
+    Case("node references five", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64,
                                                        image_1=torch.rand(5, 32, 32, 3))), ValueError,
          "at most 4"),
-    Case("node identity NaN frames", api(lambda i, o: node(o, "RefAlignIdentityCheck", "check",
+    Case("node identity NaN frames", api(lambda i, o: node(o, "RefAlignIdentityCheck",
                                                            torch.full((3, 32, 32, 3), math.nan), False, 8,
                                                            reference_images=torch.rand(1, 32, 32, 3))),
          ValueError, "NaN"),
-    Case("node identity without references", api(lambda i, o: node(o, "RefAlignIdentityCheck", "check",
+    Case("node identity without references", api(lambda i, o: node(o, "RefAlignIdentityCheck",
                                                                    torch.rand(3, 32, 32, 3), False, 8)),
          ValueError, "no references"),
     # evaluation
@@ -323,14 +323,14 @@ CASES = [
 TINY_MODELS = [f"model.{k}=tiny" for k in ("dit", "vae", "text_encoder")]
 
 
-def node(out: Path, node_id: str, function: str, *args, **kwargs):
-    """Call a node of the pack with ComfyUI's runtime stood in (its folders under `out`'s parent)."""
+def node(out: Path, node_id: str, *args, **kwargs):
+    """Run a node of the pack (`execute`) with ComfyUI's runtime stood in (its folders under `out`'s parent)."""
     import comfy_stubs
-    from pack import load_pack
+    from pack import load_pack, pack_nodes
 
     comfy_stubs.install(out.parent / "comfy")
     try:
-        return getattr(load_pack().NODE_CLASS_MAPPINGS[node_id](), function)(*args, **kwargs)
+        return pack_nodes(load_pack())[node_id].execute(*args, **kwargs).result
     finally:
         comfy_stubs.uninstall()
 

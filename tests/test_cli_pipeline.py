@@ -1,5 +1,6 @@
 import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,17 +110,18 @@ def test_core_imports_nothing_from_comfyui():
 
 
 def test_pack_entry_point_and_registry_metadata():
-    import importlib.util
+    """ComfyUI finds `comfy_entrypoint` (V3); loading the pack imports nothing of ComfyUI or of its nodes."""
     import tomllib
-    spec = importlib.util.spec_from_file_location("refalign_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as ComfyUI's loader does, so relative imports resolve
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name)
-    assert isinstance(module.NODE_CLASS_MAPPINGS, dict) and isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    code = ("import importlib.util, inspect, sys\n"
+            f"spec = importlib.util.spec_from_file_location('refalign_pack', {str(ROOT / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(ROOT)!r}])\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "sys.modules[spec.name] = module\n"
+            "spec.loader.exec_module(module)\n"
+            "print(inspect.iscoroutinefunction(module.comfy_entrypoint), hasattr(module, 'NODE_CLASS_MAPPINGS'),\n"
+            "      sorted(m for m in sys.modules if m.startswith(('comfy', 'refalign_pack.nodes', 'torch'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["True", "False", "[]"], result.stdout + result.stderr
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()
     comfy = project["tool"]["comfy"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pack import load_pack
+from pack import load_pack, pack_nodes
 
 DIFFUSION_MODEL = "diffusion_model"
 
@@ -154,7 +154,9 @@ def native(monkeypatch):
     modules["comfy"].ldm = modules["comfy.ldm"]
     modules["comfy.ldm"].wan = modules["comfy.ldm.wan"]
     modules["comfy.ldm.wan"].model = modules["comfy.ldm.wan.model"]
-    return load_pack().nodes.native
+    pack = load_pack()
+    pack_nodes(pack)
+    return pack.nodes.native
 
 
 def inputs(k, height=6, width=8):
@@ -313,7 +315,7 @@ def conditioning(native, monkeypatch):
 
 def _subjects(pack, images, size=(64, 48)):
     inputs = {f"image_{i + 1}": image for i, image in enumerate(images)}
-    return pack.NODE_CLASS_MAPPINGS["RefAlignMultiSubjectReference"]().collect(*size, **inputs)[0]
+    return pack_nodes(pack)["RefAlignMultiSubjectReference"].execute(*size, **inputs).result[0]
 
 
 def test_subject_conditioning_fits_on_white_encodes_each_alone_and_zeroes_the_unconditional(conditioning, caplog):
@@ -323,9 +325,9 @@ def test_subject_conditioning_fits_on_white_encodes_each_alone_and_zeroes_the_un
     images = [wide_red, torch.rand(1, 30, 30, 3), torch.rand(1, 50, 20, 3)]
     vae = FakeWanVAE()
     positive, negative = [[torch.randn(1, 7, 8), {}]], [[torch.randn(1, 7, 8), {"pooled": None}]]
-    node = pack.NODE_CLASS_MAPPINGS["RefAlignSubjectConditioning"]()
-    pos, neg_text, neg_img_text, latent = node.encode(positive, negative, vae, _subjects(pack, images), 64, 48, 17, 2,
-                                                      "zeros_per_reference")
+    node = pack_nodes(pack)["RefAlignSubjectConditioning"]
+    pos, neg_text, neg_img_text, latent = node.execute(positive, negative, vae, _subjects(pack, images), 64, 48, 17,
+                                                       2, "zeros_per_reference").result
     assert len(vae.calls) == 3 and all(call.shape == (1, 48, 64, 3) for call in vae.calls)  # one 1-frame clip each
     first = vae.calls[0][0]
     assert torch.equal(first[:4], torch.ones(4, 64, 3)) and first[24, 32, 1] < 0.1  # letterboxed on white, not cropped
@@ -337,17 +339,17 @@ def test_subject_conditioning_fits_on_white_encodes_each_alone_and_zeroes_the_un
     assert torch.equal(pos[0][0], positive[0][0]) and neg_img_text[0][1]["pooled"] is None
     assert latent["samples"].shape == (2, 16, 5, 6, 8) and not latent["samples"].any()
     assert "trained with at most 3" not in caplog.text
-    _, _, one_frame, _ = node.encode(positive, negative, FakeWanVAE(), _subjects(pack, images), 64, 48, 17, 1,
-                                     "one_zero_frame")
+    _, _, one_frame, _ = node.execute(positive, negative, FakeWanVAE(), _subjects(pack, images), 64, 48, 17, 1,
+                                      "one_zero_frame").result
     assert one_frame[0][1]["time_dim_concat"].shape[2] == 1
 
 
 def test_subject_conditioning_warns_above_three_references_and_refuses_bad_sizes(conditioning, caplog):
     pack, _ = conditioning
-    node = pack.NODE_CLASS_MAPPINGS["RefAlignSubjectConditioning"]()
+    node = pack_nodes(pack)["RefAlignSubjectConditioning"]
     cond = [[torch.randn(1, 7, 8), {}]]
     four = _subjects(pack, [torch.rand(1, 32, 32, 3) for _ in range(4)])
-    out = node.encode(cond, cond, FakeWanVAE(), four, 64, 48, 17, 1, "zeros_per_reference")
+    out = node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 17, 1, "zeros_per_reference").result
     assert out[0][0][1]["time_dim_concat"].shape[2] == 4 and "trained with at most 3" in caplog.text
     with pytest.raises(pack.nodes.native.RefAlignInputError, match="length"):
-        node.encode(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")
+        node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")

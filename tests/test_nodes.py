@@ -3,6 +3,7 @@ and routing, the bundle VAE / CLIP against the core path, the input checks of th
 example images and the Identity Check. Sampling on ComfyUI's MODEL is checked against the core path in a real
 ComfyUI by `tools/comfyui_parity.py`."""
 
+import inspect
 import json
 import types
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import comfy_stubs
-from pack import load_pack
+from pack import load_pack, pack_nodes, run_node
 from refalign_core.bundles import embedded_bundles, read_bundle
 from refalign_core.pipeline import VAECodec
 from refalign_core.text_encoder import encode_prompts, load_text_encoder
@@ -28,43 +29,43 @@ def comfy(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     state = comfy_stubs.install(tmp_path)
     pack = load_pack()
+    pack_nodes(pack)
     yield pack, state, tmp_path
     comfy_stubs.uninstall()
 
 
 def refs(pack, n=2, size=(40, 60)):
     images = [torch.rand(1, *size, 3) for _ in range(n)]
-    node = pack.NODE_CLASS_MAPPINGS["RefAlignMultiSubjectReference"]()
-    return node.collect(64, 64, **{f"image_{i + 1}": im for i, im in enumerate(images)})[0]
+    node = pack_nodes(pack)["RefAlignMultiSubjectReference"]
+    return run_node(node, width=64, height=64, **{f"image_{i + 1}": im for i, im in enumerate(images)})[0]
 
 
-def test_registration_tooltips_descriptions_categories_and_only_comfyui_model_types():
+def test_one_registration_form_v3_schemas_tooltips_descriptions_and_only_comfyui_model_types():
     pack = load_pack()
-    assert list(pack.NODE_CLASS_MAPPINGS) == NODE_IDS
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
-    assert not hasattr(pack, "WEB_DIRECTORY")  # the report is a STRING output and the sheet an image: no extension
-    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
-        assert cls.CATEGORY == "RefAlign" and len(cls.DESCRIPTION) > 40, node_id
-        types_used = set(cls.RETURN_TYPES)
-        for section in cls.INPUT_TYPES().values():
-            for name, (kind, options) in section.items():
-                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
-                types_used |= {kind} if isinstance(kind, str) else set()
-        assert not any("REFALIGN_MODEL" in kind for kind in types_used), node_id
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and not hasattr(pack, "WEB_DIRECTORY")  # comfy_entrypoint only
+    nodes = pack_nodes(pack)
+    assert list(nodes) == NODE_IDS
+    for node_id, cls in nodes.items():
+        schema = cls.GET_SCHEMA()
+        assert schema.category == "RefAlign" and len(schema.description) > 40 and schema.display_name, node_id
+        assert schema.display_name.startswith("RefAlign "), node_id
+        for entry in schema.inputs + schema.outputs:
+            assert entry.tooltip, f"{node_id}: {getattr(entry, 'id', None) or entry.display_name} has no tooltip"
+        assert not any("REFALIGN_MODEL" in e.io_type for e in schema.inputs + schema.outputs), node_id
+        assert set(inspect.signature(cls.execute).parameters) >= {i.id for i in schema.inputs if not i.optional}
 
 
 def test_loader_lists_files_bundles_and_the_embedded_model_under_core_input_names(comfy):
     pack, _, root = comfy
-    loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
+    loader = pack_nodes(pack)["RefAlignLoader"]
     (root / "models" / "diffusion_models").mkdir(parents=True)
     (root / "models" / "diffusion_models" / "RefAlign-1.3B.safetensors").write_bytes(b"")
     (root / "models" / "diffusion_models" / "notes.txt").write_text("")
-    spec = loader.INPUT_TYPES()["required"]
+    spec = {entry.id: entry for entry in loader.GET_SCHEMA().inputs}
     assert list(spec) == ["unet_name", "weight_dtype"]
-    choices = spec["unet_name"][0]
+    choices = spec["unet_name"].options
     assert choices[0] == EMBEDDED_MODEL and "RefAlign-1.3B.safetensors" in choices and "notes.txt" not in choices
-    assert spec["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+    assert spec["weight_dtype"].options == ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert not (root / "models" / "refalign").exists()  # nothing is written into ComfyUI's folders
     options = pack.nodes.loader.model_options
     assert options("default") == {} and options("fp8_e5m2") == {"dtype": torch.float8_e5m2}
@@ -77,14 +78,15 @@ def test_loader_loads_the_dit_through_comfyui_and_a_bundles_text_encoder_and_vae
     loaded = []
     monkeypatch.setattr(pack.nodes.loader, "load_native_dit", lambda path, options: loaded.append((path, options))
                         or "MODEL")
-    model, clip, vae = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(EMBEDDED_MODEL, "fp8_e4m3fn")
+    loader = pack_nodes(pack)["RefAlignLoader"]
+    model, clip, vae = run_node(loader, unet_name=EMBEDDED_MODEL, weight_dtype="fp8_e4m3fn")
     bundle = read_bundle(embedded_bundles()[EMBEDDED_MODEL])
     assert model == "MODEL" and loaded == [(bundle.dit, {"dtype": torch.float8_e4m3fn})]
     assert type(clip).__name__ == "BundleCLIP" and type(vae).__name__ == "BundleVAE"
     assert vae.latent_channels == 16
     (root / "models" / "diffusion_models").mkdir(parents=True)
     (root / "models" / "diffusion_models" / "dit.safetensors").write_bytes(b"")
-    assert pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load("dit.safetensors", "default") == ("MODEL", None, None)
+    assert run_node(loader, unet_name="dit.safetensors", weight_dtype="default") == ("MODEL", None, None)
     assert loaded[-1] == (str(root / "models" / "diffusion_models" / "dit.safetensors"), {})
 
 
@@ -155,58 +157,57 @@ def test_sampler_refuses_bad_input_before_any_work(comfy, change, match):
     inputs = dict(model=fake_model(), positive=text, negative=text, vae=types.SimpleNamespace(latent_channels=16),
                   references=refs(pack), **SMALL)
     with pytest.raises(ValueError, match=match):
-        pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]().sample(**{**inputs, **change})
+        run_node(pack_nodes(pack)["RefAlignR2VSampler"], **{**inputs, **change})
 
 
 def test_guider_refuses_an_unpatched_model_and_text_of_the_wrong_width(comfy):
     pack, _, _ = comfy
-    guider = pack.NODE_CLASS_MAPPINGS["RefAlignGuider"]()
+    guider = pack_nodes(pack)["RefAlignGuider"]
     text = [[torch.zeros(1, 7, 64), {}]]
     with pytest.raises(ValueError, match="no RefAlign patch"):
-        guider.get_guider(fake_model(patched=False), text, text, text, 5.0, 7.5)
+        guider.execute(fake_model(patched=False), text, text, text, 5.0, 7.5)
     with pytest.raises(ValueError, match="negative_img_text"):
-        guider.get_guider(fake_model(), text, text, [[torch.zeros(1, 7, 32), {}]], 5.0, 7.5)
+        guider.execute(fake_model(), text, text, [[torch.zeros(1, 7, 32), {}]], 5.0, 7.5)
 
 
 def test_example_image_node_reads_the_packs_examples_in_place():
-    pack = load_pack()
-    node = pack.NODE_CLASS_MAPPINGS["RefAlignExampleImage"]
-    names = node.INPUT_TYPES()["required"]["image"][0]
+    node = pack_nodes(load_pack())["RefAlignExampleImage"]
+    names = node.GET_SCHEMA().inputs[0].options
     assert names == ["refalign_example_red_disc.png", "refalign_example_striped_square.png"]
-    image = node().load(names[0])[0]
+    image = run_node(node, image=names[0])[0]
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32 and image.max() <= 1
     with pytest.raises(ValueError, match="example images"):
-        node().load("../pyproject.toml")
+        run_node(node, image="../pyproject.toml")
 
 
 def test_multi_subject_reference_collects_batches_masks_and_refuses_bad_input():
-    pack = load_pack()
-    node = pack.NODE_CLASS_MAPPINGS["RefAlignMultiSubjectReference"]()
-    refs_, preview = node.collect(64, 48, image_1=torch.rand(2, 30, 40, 3), image_2=torch.rand(1, 50, 20, 3),
-                                  mask_2=torch.ones(50, 20))
+    node = pack_nodes(load_pack())["RefAlignMultiSubjectReference"]
+    refs_, preview = node.execute(64, 48, image_1=torch.rand(2, 30, 40, 3), image_2=torch.rand(1, 50, 20, 3),
+                                  mask_2=torch.ones(50, 20)).result
     assert len(refs_.references) == 3 and preview.shape == (3, 48, 64, 3)
     assert refs_.masks[2] is not None and [r.name for r in refs_.references] == ["subject 1", "subject 2",
                                                                                   "subject 3"]
     with pytest.raises(ValueError, match="mask_2 is connected but image_2 is not"):
-        node.collect(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_2=torch.ones(8, 8))
+        node.execute(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_2=torch.ones(8, 8))
     with pytest.raises(ValueError, match="mask_1 has shape"):
-        node.collect(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_1=torch.ones(1, 9, 8))
+        node.execute(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_1=torch.ones(1, 9, 8))
     with pytest.raises(ValueError, match="at most 4"):
-        node.collect(64, 48, image_1=torch.rand(5, 8, 8, 3))
+        node.execute(64, 48, image_1=torch.rand(5, 8, 8, 3))
 
 
 def test_identity_check_node_outputs_scores_text_and_sheet(comfy):
     pack, state, root = comfy
     references = refs(pack)
     frames = torch.rand(5, 64, 64, 3)
-    out = pack.NODE_CLASS_MAPPINGS["RefAlignIdentityCheck"]().check(frames, False, 8, references=references)
-    overall, s1, s2, s3, s4, text, sheet = out["result"]
+    node = pack_nodes(pack)["RefAlignIdentityCheck"]
+    out = node.execute(frames, False, 8, references=references)
+    overall, s1, s2, s3, s4, text, sheet = out.result
     assert -1 <= overall <= 1 and s3 == s4 == 0.0 and overall == pytest.approx((s1 + s2) / 2)
-    assert "subject 1" in text and out["ui"]["text"] == [text]
+    assert "subject 1" in text and out.ui["text"] == [text]
     assert sheet.ndim == 4 and sheet.shape[-1] == 3
-    assert (root / "temp" / out["ui"]["images"][0]["filename"]).is_file()
+    assert (root / "temp" / out.ui["images"][0]["filename"]).is_file()
     with pytest.raises(ValueError, match="no references"):
-        pack.NODE_CLASS_MAPPINGS["RefAlignIdentityCheck"]().check(frames, False, 8)
+        node.execute(frames, False, 8)
 
 
 class FakeClipVision:
@@ -225,9 +226,9 @@ class FakeClipVision:
 def test_identity_check_with_a_clip_vision_backbone():
     pack = load_pack()
     frames = torch.rand(9, 64, 96, 3)
-    out = pack.NODE_CLASS_MAPPINGS["RefAlignIdentityCheck"]().check(
-        frames, False, 4, reference_images=torch.rand(2, 40, 40, 3), clip_vision=FakeClipVision())
-    assert "backbone clip_vision" in out["result"][5]
+    out = run_node(pack_nodes(pack)["RefAlignIdentityCheck"], frames=frames, faces=False, sample_frames=4,
+                   reference_images=torch.rand(2, 40, 40, 3), clip_vision=FakeClipVision())
+    assert "backbone clip_vision" in out[5]
     tokens = pack.nodes.identity.ClipVisionTokens(FakeClipVision())(torch.rand(1, 3, 64, 96))
     assert tokens.shape == (1, 4 * 6, 24)
 
@@ -235,7 +236,7 @@ def test_identity_check_with_a_clip_vision_backbone():
 def test_the_pack_imports_without_writing_anything(tmp_path, monkeypatch):
     comfy_stubs.install(tmp_path)
     try:
-        load_pack()
+        pack_nodes(load_pack())  # as ComfyUI registers them: every schema defined
     finally:
         comfy_stubs.uninstall()
     assert not any(tmp_path.rglob("*")), json.dumps([str(p) for p in tmp_path.rglob("*")])

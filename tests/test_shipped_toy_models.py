@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import comfy_stubs
-from pack import load_pack
+from pack import load_pack, pack_nodes, run_node
 from refalign_core.checkpoint import load_dit
 from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
 from refalign_core.pipeline import RefAlignPipeline
@@ -66,19 +66,21 @@ def test_workflow_example_images_are_the_demo_references():
 @pytest.fixture
 def pack(tmp_path):
     comfy_stubs.install(tmp_path)
-    yield load_pack()
+    pack = load_pack()
+    pack_nodes(pack)
+    yield pack
     comfy_stubs.uninstall()
 
 
 def test_loader_node_offers_both_embedded_models_and_loads_each_ones_own_dit(pack, monkeypatch):
-    loader = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]
-    choices = loader.INPUT_TYPES()["required"]["unet_name"][0]
+    loader = pack_nodes(pack)["RefAlignLoader"]
+    choices = loader.GET_SCHEMA().inputs[0].options
     names = (EMBEDDED_MODEL, EMBEDDED_BASELINE)
     assert choices[:2] == list(names)
     paths = []  # ComfyUI's own loading of the DiT is checked in a real ComfyUI by tools/comfyui_parity.py
     monkeypatch.setattr(pack.nodes.loader, "load_native_dit", lambda path, options: paths.append(path) or "MODEL")
     for name in names:
-        model, clip, vae = loader().load(name, "default")
+        model, clip, vae = run_node(loader, unet_name=name, weight_dtype="default")
         assert model == "MODEL" and clip is not None and vae is not None  # a bundle brings its text encoder and VAE
     dits = [load_dit(path) for path in paths]
     assert not torch.equal(dits[0].blocks[0].attn1.to_q.weight, dits[1].blocks[0].attn1.to_q.weight)

@@ -50,16 +50,19 @@ UI_ONLY = {"Note": 1, "MarkdownNote": 1}  # frontend-only nodes: one text widget
 
 
 def pack_signatures(pack) -> dict:
+    """Our nodes' signatures from their V3 schemas, in the CORE_NODES form."""
+    from pack import pack_nodes
+
     out = {}
-    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
-        spec = cls.INPUT_TYPES()
+    for node_id, cls in pack_nodes(pack).items():
+        schema = cls.GET_SCHEMA()
         inputs = []
-        for section in ("required", "optional"):
-            for name, (kind, options) in spec.get(section, {}).items():
-                if isinstance(kind, list):
-                    kind, options = "COMBO", dict(options, options=ANY if name == "unet_name" else kind)
-                inputs.append((name, kind, dict(options, optional=section == "optional")))
-        out[node_id] = (inputs, list(cls.RETURN_TYPES))
+        for entry in schema.inputs:
+            options = dict(getattr(entry, "settings", {}), optional=entry.optional)
+            if entry.io_type == "COMBO":
+                options["options"] = ANY if entry.id == "unet_name" else entry.options
+            inputs.append((entry.id, entry.io_type, options))
+        out[node_id] = (inputs, [entry.io_type for entry in schema.outputs])
     return out
 
 

@@ -33,7 +33,8 @@ def make_torchvision_importable() -> None:
 
 
 def open_comfyui(folder: str | Path, cpu: bool = True):
-    """Make ComfyUI importable from `folder` (its root, holding main.py) and return the pack module."""
+    """Make ComfyUI importable from `folder` (its root, holding main.py) and return the pack module, its nodes
+    registered."""
     folder = Path(folder).resolve()
     if not (folder / "comfy" / "model_patcher.py").is_file():
         raise SystemExit(f"{folder} is not a ComfyUI checkout (no comfy/model_patcher.py)")
@@ -43,7 +44,9 @@ def open_comfyui(folder: str | Path, cpu: bool = True):
 
     comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (reads the args once)
-    return load_pack()
+    pack = load_pack()
+    pack_nodes(pack)  # registers the nodes as ComfyUI does (and imports `pack.nodes`)
+    return pack
 
 
 def load_pack(name: str = "refalign_pack"):
@@ -53,6 +56,19 @@ def load_pack(name: str = "refalign_pack"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pack_nodes(pack) -> dict:
+    """The pack's node classes by node id, as ComfyUI registers them (`comfy_entrypoint` → `get_node_list`)."""
+    import asyncio
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+def run_node(pack, node_id: str, *args, **kwargs) -> tuple:
+    """One of the pack's nodes run as ComfyUI runs it (`execute`): its outputs."""
+    return pack_nodes(pack)[node_id].execute(*args, **kwargs).result
 
 
 def run_diffusion_model(model, x, t, context, references):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model  # noqa: E402
+from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model, run_node  # noqa: E402
 
 make_torchvision_importable()
 
@@ -75,7 +75,7 @@ def check_forward(pack, folder: Path) -> None:
         path = folder / f"{label.split()[0]}.safetensors"
         save_dit(dit, path)
         plain = native.load_native_dit(path, patch=False)
-        patched = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(plain)[0]
+        patched = run_node(pack, "RefAlignModelPatch", plain)[0]
         for k in range(4):
             x, t, context, refs = forward_inputs(dit, k)
             with torch.no_grad():
@@ -103,7 +103,7 @@ def check_clone_onto_another_instance(pack, folder: Path) -> None:
     path = folder / "wan-shaped.safetensors"
     dit = randomised(tiny_dit(0, **WAN_SHAPED))
     first = native.load_native_dit(path, patch=False)
-    patched = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(first)[0]
+    patched = run_node(pack, "RefAlignModelPatch", first)[0]
     replica = native.load_native_dit(path, patch=False)
     assert replica.model is not patched.model
     replica.object_patches = patched.object_patches.copy()
@@ -130,9 +130,8 @@ def toy_inputs(pack, loaded):
     """(references, positive, negative, defaults) for the demo case at 64×64, through core CLIP Text Encode."""
     import nodes as comfy_nodes
 
-    nodes = pack.NODE_CLASS_MAPPINGS
     images = [torch.from_numpy(np.asarray(im.convert("RGB"))).float().div(255)[None] for im in demo_references()]
-    references = nodes["RefAlignMultiSubjectReference"]().collect(64, 64, image_1=images[0], image_2=images[1])[0]
+    references = run_node(pack, "RefAlignMultiSubjectReference", 64, 64, image_1=images[0], image_2=images[1])[0]
     encode = comfy_nodes.CLIPTextEncode().encode
     clip = loaded[1]
     return references, encode(clip, DEMO_PROMPT)[0], encode(clip, "")[0], read_bundle(toy_bundle()[1]).settings
@@ -141,8 +140,8 @@ def toy_inputs(pack, loaded):
 def toy_sampling(pack, sampler_name: str, model, loaded, steps=None):
     """The R2V Sampler on the demo case -> (frames, latent in DiT space)."""
     references, positive, negative, defaults = toy_inputs(pack, loaded)
-    frames, latent = pack.NODE_CLASS_MAPPINGS["RefAlignR2VSampler"]().sample(
-        model, positive, negative, loaded[2], references, 64, 64, defaults.num_frames, steps or defaults.steps,
+    frames, latent = run_node(
+        pack, "RefAlignR2VSampler", model, positive, negative, loaded[2], references, 64, 64, defaults.num_frames, steps or defaults.steps,
         defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference")
     return frames, to_dit_space(latent["samples"])
 
@@ -171,11 +170,10 @@ def modular_sampling(pack, model, loaded):
     import comfy_extras.nodes_custom_sampler as custom
     from refalign_core.sampler import SamplingSettings, initial_noise, make_scheduler
 
-    nodes = pack.NODE_CLASS_MAPPINGS
     references, positive, negative, d = toy_inputs(pack, loaded)
-    conds = nodes["RefAlignSubjectConditioning"]().encode(positive, negative, loaded[2], references, 64, 64,
-                                                          d.num_frames, 1, "zeros_per_reference")
-    guider = nodes["RefAlignGuider"]().get_guider(model, *conds[:3], d.image_scale, d.text_scale)[0]
+    conds = run_node(pack, "RefAlignSubjectConditioning", positive, negative, loaded[2], references, 64, 64,
+                     d.num_frames, 1, "zeros_per_reference")
+    guider = run_node(pack, "RefAlignGuider", model, *conds[:3], d.image_scale, d.text_scale)[0]
     settings = SamplingSettings(width=64, height=64, num_frames=d.num_frames, steps=d.steps, shift=d.shift)
     sigmas = make_scheduler("euler", d.steps, d.shift).sigmas.float()
 
@@ -215,7 +213,7 @@ def check_sampling(pack, skip_compile: bool) -> None:
     import comfy_extras.nodes_model_advanced as advanced
     import comfy_extras.nodes_torch_compile as torch_compile
 
-    loaded = pack.NODE_CLASS_MAPPINGS["RefAlignLoader"]().load(toy_bundle()[0], "default")
+    loaded = run_node(pack, "RefAlignLoader", toy_bundle()[0], "default")
     report("loader gives (MODEL, CLIP, VAE)", ", ".join(type(x).__name__ for x in loaded), False)
     model = loaded[0]
     native = advanced.ModelSamplingSD3().patch(model, 1.0)[0]
@@ -299,8 +297,8 @@ def check_lora(pack, folder: Path) -> None:
     patched = native.load_native_dit(folder / "lora_base.safetensors")
     after = loader.load_lora_model_only(patched, "refalign_test_lora.safetensors", strength)[0]
     plain = native.load_native_dit(folder / "lora_base.safetensors", patch=False)
-    before = pack.NODE_CLASS_MAPPINGS["RefAlignModelPatch"]().patch(
-        loader.load_lora_model_only(plain, "refalign_test_lora.safetensors", strength)[0])[0]
+    before = run_node(pack, "RefAlignModelPatch",
+                      loader.load_lora_model_only(plain, "refalign_test_lora.safetensors", strength)[0])[0]
     report(f"LoRA modules mapped by ComfyUI: {len(after.patches)} weights for "
            f"{sum(k.endswith('.lora_down.weight') for k in lora)} LoRA modules", "", False)
     for k in (0, 2):
