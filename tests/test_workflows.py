@@ -7,7 +7,8 @@ import pytest
 from pack import load_pack
 from workflow_tools import CORE_NODES, pack_signatures, to_api_prompt, validate
 
-WORKFLOWS = sorted((Path(__file__).parents[1] / "workflows").glob("*.json"))
+ROOT = Path(__file__).parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,13 @@ def test_validator_catches_broken_workflows(signatures):
     assert any("overlap" in e for e in broken(lambda w, n: n.__setitem__("pos", list(w["nodes"][1]["pos"]))))
     # a socket takes its own type only; '*' takes any
     assert any("types or ends" in e for e in broken(lambda w, n: w["links"][0].__setitem__(5, "LATENT")))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_image_inputs_name_only_files_a_fresh_comfyui_has(path):
+    """Nothing is installed into ComfyUI's input folder: Load Image starts on ComfyUI's own example.png, the toy
+    subjects come from RefAlign Example Image (the pack's files, read in place)."""
+    nodes = json.loads(path.read_text())["nodes"]
+    assert all(n["widgets_values"][0] == "example.png" for n in nodes if n["type"] == "LoadImage")
+    examples = (ROOT / "examples").glob("refalign_example_*.png")
+    assert {n["widgets_values"][0] for n in nodes if n["type"] == "RefAlignExampleImage"} <= {p.name for p in examples}
