@@ -6,12 +6,14 @@ from comfy_api.latest import io
 
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.pipeline import generate
-from ..refalign_core.sampler import SAMPLERS, UNCOND_REFERENCES, SamplingSettings
+from ..refalign_core.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS, MIN_SHIFT,
+                                     SAMPLERS, SIZE_MULTIPLE, UNCOND_REFERENCES, SamplingSettings)
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched
 from .references import REFERENCES
 
-MAX_RESOLUTION = 8192
+MAX_RESOLUTION = 8192  # as ComfyUI's own nodes
+DEFAULTS = SamplingSettings()  # the widgets' defaults and limits are the core's
 
 
 def patched_model_input():
@@ -19,29 +21,29 @@ def patched_model_input():
 
 
 def video_size_inputs() -> list:
-    return [io.Int.Input("width", default=832, min=16, max=MAX_RESOLUTION, step=16,
-                         tooltip="Video width, a multiple of 16."),
-            io.Int.Input("height", default=480, min=16, max=MAX_RESOLUTION, step=16,
-                         tooltip="Video height, a multiple of 16."),
-            io.Int.Input("length", default=81, min=1, max=1025, step=4,
+    return [io.Int.Input("width", default=DEFAULTS.width, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE,
+                         tooltip=f"Video width, a multiple of {SIZE_MULTIPLE}."),
+            io.Int.Input("height", default=DEFAULTS.height, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE,
+                         tooltip=f"Video height, a multiple of {SIZE_MULTIPLE}."),
+            io.Int.Input("length", default=DEFAULTS.num_frames, min=1, max=1025, step=FRAMES_PER_LATENT,
                          tooltip="Number of frames, 4n+1 (81 = 5 s at 16 fps).")]
 
 
 def guidance_inputs() -> list:
-    return [io.Float.Input("image_guidance", default=5.0, min=0.0, max=30.0, step=0.1,
-                           tooltip="s_img: pull towards the references (official 5.0)."),
-            io.Float.Input("text_guidance", default=7.5, min=0.0, max=30.0, step=0.1,
-                           tooltip="s_txt: pull towards the prompt (official 7.5).")]
+    return [io.Float.Input("image_guidance", default=DEFAULTS.image_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
+                           tooltip=f"s_img: pull towards the references (official {DEFAULTS.image_scale})."),
+            io.Float.Input("text_guidance", default=DEFAULTS.text_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
+                           tooltip=f"s_txt: pull towards the prompt (official {DEFAULTS.text_scale}).")]
 
 
 def uncond_references_input():
-    return io.Combo.Input("uncond_references", options=list(UNCOND_REFERENCES), default="zeros_per_reference",
+    return io.Combo.Input("uncond_references", options=list(UNCOND_REFERENCES), default=DEFAULTS.uncond_references,
                           tooltip="Unconditional pass: K zero reference frames (official inference) or one zero frame "
                                   "(as in training).")
 
 
 def three_pass_steps_input(tooltip: str):
-    return io.Int.Input("three_pass_steps", default=-1, min=-1, max=1000, optional=True, tooltip=tooltip)
+    return io.Int.Input("three_pass_steps", default=-1, min=-1, max=MAX_STEPS, optional=True, tooltip=tooltip)
 
 
 def check_model_and_text(model, **conditionings) -> None:
@@ -97,13 +99,13 @@ class RefAlignR2VSampler(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE, or a bundle's VAE from RefAlign Loader."),
                 REFERENCES.Input("references", tooltip="From RefAlign Multi-Subject Reference."),
                 *video_size_inputs(),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps."),
-                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=MAX_STEPS, tooltip="Sampling steps."),
+                io.Float.Input("shift", default=DEFAULTS.shift, min=MIN_SHIFT, max=MAX_SHIFT, step=0.1,
                                tooltip="Flow-matching timestep shift (RefAlign uses 5); it sets the sigma schedule."),
                 *guidance_inputs(),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Noise seed; the same seed gives the same video on every device."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="euler",
+                io.Combo.Input("sampler", options=list(SAMPLERS), default=DEFAULTS.sampler,
                                tooltip="euler (official) or unipc."),
                 uncond_references_input(),
                 three_pass_steps_input("-1: three-pass guidance on every step. n: on the first n steps, then the "

@@ -37,6 +37,7 @@ MAX_SEED = 2**64 - 1
 # 1e-8 gives an infinite first timestep, 1e12 one repeated timestep) and guidance only amplifies noise
 MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
 MAX_GUIDANCE_SCALE = 100.0
+MAX_STEPS = 10_000
 
 
 class SamplingCancelled(Exception):
@@ -106,7 +107,7 @@ class SamplingSettings:
         if not is_frame_count(frames):
             raise RefAlignInputError(f"length must be 4n+1 frames (1, 5, …, 81), got {frames}")
         set_("num_frames", frames)
-        set_("steps", _int("steps", self.steps, 1, 10_000))
+        set_("steps", _int("steps", self.steps, 1, MAX_STEPS))
         set_("shift", _float("shift", self.shift, MIN_SHIFT, maximum=MAX_SHIFT))
         for name in ("image_scale", "text_scale"):
             set_(name, _float(name, getattr(self, name), -MAX_GUIDANCE_SCALE, maximum=MAX_GUIDANCE_SCALE))

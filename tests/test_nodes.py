@@ -240,3 +240,25 @@ def test_the_pack_imports_without_writing_anything(tmp_path, monkeypatch):
     finally:
         comfy_stubs.uninstall()
     assert not any(tmp_path.rglob("*")), json.dumps([str(p) for p in tmp_path.rglob("*")])
+
+
+def test_sampler_widgets_offer_only_what_the_core_accepts(comfy):
+    """The widgets take their defaults and limits from the core's SamplingSettings: their defaults, minimums and
+    maximums are all accepted by it, and one step beyond a limit the core defines is refused."""
+    from refalign_core.errors import RefAlignInputError
+    from refalign_core.sampler import SamplingSettings
+    pack, _, _ = comfy
+    fields = {"width": "width", "height": "height", "length": "num_frames", "steps": "steps", "shift": "shift",
+              "image_guidance": "image_scale", "text_guidance": "text_scale", "seed": "seed", "sampler": "sampler",
+              "uncond_references": "uncond_references"}
+    inputs = {i.id: i for i in pack_nodes(pack)["RefAlignR2VSampler"].GET_SCHEMA().inputs if i.id in fields}
+    assert set(inputs) == set(fields)
+    defaults = SamplingSettings()
+    for name, entry in inputs.items():
+        assert entry.settings["default"] == getattr(defaults, fields[name]), name
+        for limit in ("min", "max"):
+            if limit in entry.settings:
+                SamplingSettings(**{fields[name]: entry.settings[limit]})
+    for name, beyond in (("steps", 1), ("shift", 1.0), ("seed", 1)):
+        with pytest.raises(RefAlignInputError):
+            SamplingSettings(**{fields[name]: inputs[name].settings["max"] + beyond})
