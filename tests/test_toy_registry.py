@@ -19,24 +19,20 @@ def fresh(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_importing_the_pipeline_imports_nothing_of_the_toy_or_training():
-    result = fresh("import sys, refalign_core.pipeline;"
-                   "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', "
-                   "'refalign_core.training'))))")
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
-
-
-def test_a_toy_bundle_loads_from_a_process_that_imported_only_the_pipeline():
+def test_the_pipeline_imports_no_toy_and_finds_its_bundles_and_vae_through_the_registry():
+    """In one fresh process (each start costs seconds): importing the pipeline imports nothing of the toy or training;
+    a toy bundle then loads (its `ToyVideoVAE` found through the registry) and the shipped bundles are listed."""
     folder = CORE / "toy" / "models" / "refalign_toy"
     result = fresh("import sys; from refalign_core.pipeline import RefAlignPipeline;"
+                   "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', "
+                   "'refalign_core.training'))));"
                    f"pipe = RefAlignPipeline.from_bundle({str(folder)!r});"
-                   "print(type(pipe.vae).__name__, 'refalign_core.training' in sys.modules)")
-    assert result.returncode == 0 and result.stdout.split() == ["ToyVideoVAE", "False"], result.stdout + result.stderr
-
-
-def test_the_shipped_bundles_are_found_through_the_registry():
-    result = fresh("from refalign_core.bundles import embedded_bundles; print(list(embedded_bundles()))")
-    assert result.returncode == 0 and "embedded toy model (CPU demo)" in result.stdout, result.stdout + result.stderr
+                   "print(type(pipe.vae).__name__, 'refalign_core.training' in sys.modules);"
+                   "from refalign_core.bundles import embedded_bundles; print(list(embedded_bundles()))")
+    assert result.returncode == 0, result.stdout + result.stderr
+    imported, loaded, listed = result.stdout.strip().splitlines()
+    assert imported == "[]" and loaded.split() == ["ToyVideoVAE", "False"]
+    assert "embedded toy model (CPU demo)" in listed
 
 
 def test_no_core_module_imports_the_toy():
