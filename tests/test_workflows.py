@@ -1,19 +1,22 @@
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from pack import load_pack
-from workflow_tools import CORE_NODES, pack_signatures, to_api_prompt, validate
+from pack import load_pack, pack_nodes
 
 ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from workflow_tools import CORE_NODES, object_info_signatures, schema_signatures, to_api_prompt, validate  # noqa: E402
+
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
 def signatures():
-    return {**CORE_NODES, **pack_signatures(load_pack())}
+    return {**CORE_NODES, **schema_signatures(pack_nodes(load_pack()))}
 
 
 REAL = [p for p in WORKFLOWS if "1.3b" in p.stem or "multi_subject" in p.stem]
@@ -138,3 +141,29 @@ def test_image_inputs_name_only_files_a_fresh_comfyui_has(path):
     assert all(n["widgets_values"][0] == "example.png" for n in nodes if n["type"] == "LoadImage")
     examples = (ROOT / "examples").glob("refalign_example_*.png")
     assert {n["widgets_values"][0] for n in nodes if n["type"] == "RefAlignExampleImage"} <= {p.name for p in examples}
+
+
+def test_object_info_signatures_read_a_servers_node_list():
+    """tools/comfyui_workflows.py checks the workflows against a running server's /object_info: V1 and V3 combos,
+    the upload widget LoadImage adds, input order and optional inputs, and model-file combos taken as any file."""
+    from workflow_tools import ANY
+    info = {
+        "LoadImage": {"input": {"required": {"image": [["example.png"], {"image_upload": True}]}},
+                      "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"]},
+        "Sampler": {"input": {"required": {"steps": ["INT", {"default": 20, "min": 1}],
+                                           "sampler": ["COMBO", {"options": ["euler", "unipc"]}],
+                                           "unet_name": [["a.safetensors"], {}]},
+                              "optional": {"previews": ["BOOLEAN", {"default": True}]}},
+                    "input_order": {"required": ["unet_name", "steps", "sampler"], "optional": ["previews"]},
+                    "output": ["LATENT"]},
+    }
+    signatures = object_info_signatures(info)
+    assert signatures["LoadImage"] == ([("image", "COMBO", {"image_upload": True, "options": ["example.png"],
+                                                            "optional": False}),
+                                        ("upload", "IMAGEUPLOAD", {})], ["IMAGE", "MASK"])
+    inputs, outputs = signatures["Sampler"]
+    assert [(name, kind) for name, kind, _ in inputs] == [("unet_name", "COMBO"), ("steps", "INT"),
+                                                         ("sampler", "COMBO"), ("previews", "BOOLEAN")]
+    assert inputs[0][2]["options"] is ANY and inputs[2][2]["options"] == ["euler", "unipc"]
+    assert inputs[1][2] == {"default": 20, "min": 1, "optional": False} and inputs[3][2]["optional"] is True
+    assert outputs == ["LATENT"]

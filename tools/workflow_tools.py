@@ -1,7 +1,8 @@
 """Offline checks for UI-format (schema 0.4) workflows and their conversion to the API prompt format.
 
-Node signatures: ours come from the pack's INPUT_TYPES; the few core nodes the workflows use are described in
-CORE_NODES (names, types and order as ComfyUI 0.3.64's /object_info reports them)."""
+Node signatures: ours come from the nodes' V3 schemas (`schema_signatures`); the few core nodes the workflows use are
+described in CORE_NODES (names, types and order as ComfyUI 0.3.64's /object_info reports them). Against a running
+ComfyUI, `object_info_signatures` reads all of them from the server (`comfyui_workflows.py`)."""
 
 import re
 
@@ -49,12 +50,10 @@ CORE_NODES = {
 UI_ONLY = {"Note": 1, "MarkdownNote": 1}  # frontend-only nodes: one text widget, never sent to the server
 
 
-def pack_signatures(pack) -> dict:
-    """Our nodes' signatures from their V3 schemas, in the CORE_NODES form."""
-    from pack import pack_nodes
-
+def schema_signatures(nodes: dict) -> dict:
+    """Signatures of V3 node classes (`{node_id: class}`) from their schemas, in the CORE_NODES form."""
     out = {}
-    for node_id, cls in pack_nodes(pack).items():
+    for node_id, cls in nodes.items():
         schema = cls.GET_SCHEMA()
         inputs = []
         for entry in schema.inputs:
@@ -63,6 +62,26 @@ def pack_signatures(pack) -> dict:
                 options["options"] = ANY if entry.id == "unet_name" else entry.options
             inputs.append((entry.id, entry.io_type, options))
         out[node_id] = (inputs, [entry.io_type for entry in schema.outputs])
+    return out
+
+
+def object_info_signatures(object_info: dict) -> dict:
+    """Signatures of every node a running ComfyUI reports (`/object_info`), in the CORE_NODES form."""
+    out = {}
+    for node_id, info in object_info.items():
+        inputs = []
+        for section in ("required", "optional"):
+            for name in info.get("input_order", {}).get(section, info["input"].get(section, {})):
+                kind, *rest = info["input"][section][name]
+                options = dict(rest[0]) if rest else {}
+                if isinstance(kind, list):  # V1 combo: the options in place of the type
+                    kind, options["options"] = "COMBO", kind
+                if kind == "COMBO" and name.endswith("_name"):  # model files differ per machine (Missing Models)
+                    options["options"] = ANY
+                inputs.append((name, kind, dict(options, optional=section == "optional")))
+                if options.get("image_upload"):  # the frontend adds an upload widget after the file combo
+                    inputs.append(("upload", "IMAGEUPLOAD", {}))
+        out[node_id] = (inputs, list(info["output"]))
     return out
 
 
