@@ -155,11 +155,12 @@ def guider_class():
             self.inner_set_conds({"positive": positive, "negative_text": negative_text,
                                   "negative": negative_img_text})
 
-        def set_scales(self, image_scale: float, text_scale: float, one_pass_below: float | None = None):
-            """one_pass_below: sigma under which only c_txt runs (`guidance_steps`); None: three passes always."""
+        three_pass_steps = None  # three passes on every step
+        one_pass_below = None
+
+        def set_scales(self, image_scale: float, text_scale: float):
             self.weights = {three: dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale, three)))
                             for three in (True, False)}
-            self.one_pass_below = one_pass_below
 
         def set_three_pass_steps(self, steps: int | None):
             """Three passes on the first `steps` steps of whatever sigmas `sample` gets, then c_txt alone (None:
@@ -167,9 +168,8 @@ def guider_class():
             self.three_pass_steps = steps
 
         def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
-            three_pass_steps = getattr(self, "three_pass_steps", None)
-            if three_pass_steps is not None:  # from a step count to the sigma of the last three-pass step
-                self.one_pass_below = float(sigmas[three_pass_steps - 1]) if three_pass_steps > 0 else math.inf
+            # the step count as a sigma threshold: the model is evaluated at every sigma but the last (0)
+            self.one_pass_below = one_pass_below(self.three_pass_steps, sigmas[:-1])
             return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -223,8 +223,8 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     multiplier = getattr(model.get_model_object("model_sampling"), "multiplier", 1000.0)
     guider = guider_class()(model)
     guider.set_conds(positive, negative_text, negative_img_text)
-    guider.set_scales(settings.image_scale, settings.text_scale,
-                      one_pass_below(settings, scheduler.timesteps.float() / multiplier))
+    guider.set_scales(settings.image_scale, settings.text_scale)
+    guider.set_three_pass_steps(settings.guidance_steps)
     noise = initial_noise(tuple(latent.shape), settings.seed)
     callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
     samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,

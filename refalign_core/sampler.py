@@ -163,10 +163,11 @@ def three_pass_at(settings: SamplingSettings, step: int) -> bool:
     return settings.guidance_steps is None or step < settings.guidance_steps
 
 
-def one_pass_below(settings: SamplingSettings, step_sigmas: torch.Tensor) -> float | None:
-    """`three_pass_at` as a sigma threshold, for guiders that see the sigma and not the step: step_sigmas are the
-    sigmas the model is evaluated at, one per step, decreasing. None: three passes on every step."""
-    n = settings.guidance_steps
+def one_pass_below(guidance_steps: int | None, step_sigmas: torch.Tensor) -> float | None:
+    """`three_pass_at` as a sigma threshold, for guiders that see the sigma and not the step: three passes on the
+    first `guidance_steps` steps (None: on every step), step_sigmas the sigmas the model is evaluated at, one per
+    step, decreasing. None: three passes on every step."""
+    n = guidance_steps
     if n is None or n >= len(step_sigmas):
         return None
     if n == 0:

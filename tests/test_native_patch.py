@@ -353,3 +353,37 @@ def test_subject_conditioning_warns_above_three_references_and_refuses_bad_sizes
     assert out[0][0][1]["time_dim_concat"].shape[2] == 4 and "trained with at most 3" in caplog.text
     with pytest.raises(pack.nodes.native.RefAlignInputError, match="length"):
         node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")
+
+
+@pytest.mark.parametrize("three_pass_steps,passes", [(None, [3, 3, 3, 3]), (2, [3, 3, 1, 1]), (0, [1, 1, 1, 1]),
+                                                     (9, [3, 3, 3, 3])])
+def test_guider_runs_three_passes_on_the_first_three_pass_steps_of_its_sigmas(native, monkeypatch, three_pass_steps,
+                                                                              passes):
+    """The RefAlign Guider turns a step count into the core's sigma threshold (`one_pass_below`) for whatever sigmas
+    SamplerCustomAdvanced gives it; after it only c_txt runs."""
+    calls = []
+
+    class CFGGuider:  # ComfyUI's guider, reduced to what ours uses: one predict_noise per sigma but the last
+        def __init__(self, model):
+            self.inner_model = model
+
+        def inner_set_conds(self, conds):
+            self.conds = conds
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            return [self.predict_noise(latent_image, sigma[None]) for sigma in sigmas[:-1]]
+
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.CFGGuider = CFGGuider
+    samplers.calc_cond_batch = lambda model, conds, x, t, options: calls.append(len(conds)) or [x] * len(conds)
+    monkeypatch.setitem(sys.modules, "comfy.samplers", samplers)
+    monkeypatch.setattr(sys.modules["comfy"], "samplers", samplers, raising=False)
+    native.guider_class.cache_clear()
+    guider = native.guider_class()(None)
+    guider.set_conds([], [], [])
+    guider.set_scales(5.0, 7.5)
+    guider.set_three_pass_steps(three_pass_steps)
+    out = guider.sample(None, torch.ones(1), None, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.0]))
+    assert calls == passes
+    assert all(torch.allclose(x, torch.ones(1)) for x in out)  # the weights sum to 1 in both modes
+    native.guider_class.cache_clear()

@@ -60,10 +60,10 @@ def test_guidance_steps_run_three_passes_then_the_prompt_pass(dit):
 def test_one_pass_threshold_matches_the_step_rule():
     sigmas = torch.tensor([0.9, 0.7, 0.5, 0.3])
     settings = SamplingSettings(steps=4, guidance_steps=2)
-    threshold = one_pass_below(settings, sigmas)
+    threshold = one_pass_below(settings.guidance_steps, sigmas)
     assert [bool(s >= threshold) for s in sigmas] == [True, True, False, False]
-    assert one_pass_below(SamplingSettings(steps=4), sigmas) is None
-    assert one_pass_below(SamplingSettings(steps=4, guidance_steps=0), sigmas) == float("inf")
+    assert one_pass_below(SamplingSettings(steps=4).guidance_steps, sigmas) is None
+    assert one_pass_below(SamplingSettings(steps=4, guidance_steps=0).guidance_steps, sigmas) == float("inf")
 
 
 @pytest.mark.parametrize("cache", [c for c in CACHES if c != "none"])
