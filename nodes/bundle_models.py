@@ -10,7 +10,7 @@ import torch
 from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.sampler import FRAMES_PER_LATENT
 from ..refalign_core.text_encoder import TextEncoder, encode_prompts
-from ..refalign_core.vae import decode_latents, encode_video, wan21_latent_stats
+from ..refalign_core.vae import decode_latents, dit_to_wan21_space, encode_video, wan21_to_dit_space
 from . import runtime
 
 SPATIAL = 8  # pixels per latent cell, as the Wan2.1 VAE
@@ -29,10 +29,6 @@ class BundleVAE:
         self.latent_channels = vae.config.z_dim
         self.patcher = runtime.managed_patcher(vae, runtime.torch_device(), torch.device("cpu"))
 
-    def _to_dit_space(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = wan21_latent_stats()
-        return (latents.float().cpu() - mean) / std
-
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         frames = pixels.shape[0]
         if pixels.ndim != 4 or frames % FRAMES_PER_LATENT != 1:
@@ -43,12 +39,11 @@ class BundleVAE:
                                      f"must be multiples of {SPATIAL}")
         runtime.load_to_device(self.patcher)
         video = pixels[..., :3].permute(3, 0, 1, 2)[None].float().mul(2).sub(1)  # [1, 3, T, H, W]
-        mean, std = wan21_latent_stats()
-        return encode_video(self.vae, video).float().cpu() * std + mean
+        return dit_to_wan21_space(encode_video(self.vae, video))
 
     def decode(self, latents: torch.Tensor, vae_options=None) -> torch.Tensor:
         runtime.load_to_device(self.patcher)
-        video = decode_latents(self.vae, self._to_dit_space(latents))  # [B, 3, T, H, W] in [-1, 1]
+        video = decode_latents(self.vae, wan21_to_dit_space(latents))  # [B, 3, T, H, W] in [-1, 1]
         return video.permute(0, 2, 3, 4, 1).add(1).div(2).float().to(runtime.intermediate_device())
 
     def encode_tiled(self, pixels, *args, **kwargs) -> torch.Tensor:

@@ -30,7 +30,7 @@ from ..refalign_core.errors import RefAlignInputError
 from ..refalign_core.safetensors_io import read_safetensors, read_safetensors_shapes
 from ..refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
                                      one_pass_below, run_schedule, zero_references)
-from ..refalign_core.vae import wan21_latent_stats
+from ..refalign_core.vae import dit_to_wan21_space, wan21_to_dit_space
 
 logger = logging.getLogger(__name__)
 
@@ -246,16 +246,14 @@ class ComfyVAECodec:
         return torch.cat([latent.float().cpu() for latent in latents], dim=2)
 
     def encode_references(self, fitted: torch.Tensor) -> torch.Tensor:
-        mean, std = wan21_latent_stats()
-        return (self.encode_raw(fitted) - mean) / std
+        return wan21_to_dit_space(self.encode_raw(fitted))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(self.to_vae_space(latents))
         return images.reshape(-1, *images.shape[-3:]).float().cpu()
 
     def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = wan21_latent_stats()
-        return latents * std + mean
+        return dit_to_wan21_space(latents)
 
 
 def _as_conditioning(text):

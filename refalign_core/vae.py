@@ -3,6 +3,7 @@
 DiT sees them. Other VAEs with the Wan2.1 latent layout (the embedded toy model's) are saved with their class name
 and config and loaded by that name through `registry.py` (a file never chooses which code runs)."""
 
+import functools
 import json
 import os
 import re
@@ -147,11 +148,29 @@ def save_vae(vae: torch.nn.Module, path: str | os.PathLike) -> None:
     write_safetensors(tensors, path, {CONFIG_METADATA_KEY: json.dumps(changed)})
 
 
-def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel latent mean and std of the Wan2.1 VAE, `[1, 16, 1, 1, 1]` each (DiT space = (z − mean) / std)."""
+@functools.cache
+def _wan21_stats() -> tuple[torch.Tensor, torch.Tensor]:
     config = json.loads(WAN21_VAE_CONFIG.read_text())
     shape = (1, len(config["latents_mean"]), 1, 1, 1)
     return torch.tensor(config["latents_mean"]).view(shape), torch.tensor(config["latents_std"]).view(shape)
+
+
+def wan21_latent_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std of the Wan2.1 VAE, `[1, 16, 1, 1, 1]` each (DiT space = (z − mean) / std)."""
+    mean, std = _wan21_stats()
+    return mean.clone(), std.clone()
+
+
+def wan21_to_dit_space(latents: torch.Tensor) -> torch.Tensor:
+    """Latents in the Wan2.1 VAE's own space (as ComfyUI's LATENT holds them) -> DiT space, fp32 on the CPU."""
+    mean, std = _wan21_stats()
+    return (latents.float().cpu() - mean) / std
+
+
+def dit_to_wan21_space(latents: torch.Tensor) -> torch.Tensor:
+    """DiT-space latents -> the Wan2.1 VAE's own space, fp32 on the CPU."""
+    mean, std = _wan21_stats()
+    return latents.float().cpu() * std + mean
 
 
 def latent_stats(vae: torch.nn.Module, like: torch.Tensor | None = None):

@@ -38,6 +38,7 @@ from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_origina
 from refalign_core.toy.demo import DEMO_PROMPT, demo_references  # noqa: E402
 from refalign_core.lora import merge_lora  # noqa: E402
 from refalign_core.toy.tiny import tiny_dit  # noqa: E402
+from refalign_core.vae import wan21_to_dit_space  # noqa: E402
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui  # noqa: E402
 
 WAN_SHAPED = dict(num_attention_heads=2, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=512,
@@ -143,14 +144,7 @@ def toy_sampling(pack, sampler_name: str, model, loaded, steps=None):
     frames, latent = run_node(
         pack, "RefAlignR2VSampler", model, positive, negative, loaded[2], references, 64, 64, defaults.num_frames, steps or defaults.steps,
         defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference")
-    return frames, to_dit_space(latent["samples"])
-
-
-def to_dit_space(latents):
-    from refalign_core.vae import wan21_latent_stats
-
-    mean, std = wan21_latent_stats()
-    return (latents.float() - mean) / std
+    return frames, wan21_to_dit_space(latent["samples"])
 
 
 def core_sampling(sampler_name: str):
@@ -188,7 +182,7 @@ def modular_sampling(pack, model, loaded):
     run = node.execute if hasattr(node, "execute") else node().sample
     out = run(Noise(), guider, sampler, sigmas, conds[3])
     out = out.result if hasattr(out, "result") else out
-    return to_dit_space(out[0]["samples"])
+    return wan21_to_dit_space(out[0]["samples"])
 
 
 def toy_bundle() -> tuple[str, Path]:
