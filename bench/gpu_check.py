@@ -6,7 +6,9 @@ storage, block swap (diffusers group offload), and diffusers' own `WanTransforme
 tokens (three passes without the reference tail) as the yardstick."""
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -14,7 +16,9 @@ from diffusers import WanTransformer3DModel
 from refalign_core.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
 from refalign_core.checkpoint import apply_layerwise_casting
 from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.toy.tiny import tiny_dit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
+from tiny_models import tiny_dit  # noqa: E402
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,
                 in_channels=16, out_channels=16, num_layers=30)

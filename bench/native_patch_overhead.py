@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("tools", "tests")]
 from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model  # noqa: E402
 
 make_torchvision_importable()
 
 from refalign_core.checkpoint import save_dit  # noqa: E402
-from refalign_core.toy.tiny import tiny_dit  # noqa: E402
+from tiny_models import tiny_dit  # noqa: E402
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,
                 in_channels=16, out_channels=16)

@@ -14,7 +14,9 @@ Last line: `ratio: <best toy wall-time speedup at ≤ 0.02 identity loss>`."""
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,8 +24,10 @@ from refalign_core.toy.demo import DEMO_NAMES, DEMO_PROMPT, demo_references, emb
 from refalign_core.identity import IdentitySettings, check_identity
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.toy.tiny import tiny_dit
 from refalign_core.vfm import load_vfm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
+from tiny_models import tiny_dit  # noqa: E402
 
 TOY_FEATURES = {
     "default": {},

@@ -19,14 +19,16 @@ previous step's>` (goal ≥ 3)."""
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from refalign_core.text_encoder import TextEncoder
-from refalign_core.toy.tiny import tiny_dit, tiny_text_encoder, tiny_vae, word_tokenizer
+from refalign_core.toy.text_model import umt5_encoder, word_tokenizer
 from refalign_core.toy.world import make_toy_world, vocabulary
 from refalign_core.training.alignment import AlignmentProjectors
 from refalign_core.training.buckets import BucketBatchSampler
@@ -36,6 +38,9 @@ from refalign_core.training.datasets import read_jsonl
 from refalign_core.training.module import RefAlignTrainingModule, make_training_batch
 from refalign_core.vfm import ConvTokenVFM, load_vfm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
+from tiny_models import tiny_dit, tiny_vae  # noqa: E402
+
 TOY_DIT = dict(num_attention_heads=4, attention_head_dim=32, text_dim=64, freq_dim=256, ffn_dim=384, num_layers=6)
 
 
@@ -43,7 +48,8 @@ def build(folder: str, vfm, frames: int) -> FeatureCache:
     manifest = make_toy_world(f"{folder}/data", num_videos=24, frames=frames, max_subjects=3)
     entries = read_jsonl(manifest, SkipCounter())
     tokenizer = word_tokenizer(vocabulary())
-    text = TextEncoder(tokenizer, tiny_text_encoder(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128))
+    text = TextEncoder(tokenizer, umt5_encoder(0, len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                    num_heads=4))
     encoders = SimpleNamespace(vae=tiny_vae(), text_encoder=text, vfm=vfm)
     settings = CacheSettings(sizes=((128, 128),), frames=(frames,), fps=None, augment_copies=2)
     build_cache(entries, f"{folder}/cache", settings, encoders, progress=False)

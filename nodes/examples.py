@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..refalign_core.errors import RefAlignInputError
+from refalign_core.errors import RefAlignInputError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PREFIX = "refalign_example_"

@@ -3,8 +3,8 @@ ComfyUI. Outside ComfyUI they fall back to plain CPU behaviour."""
 
 import os
 
-from ..refalign_core.bundles import BUNDLE_FILE
-from ..refalign_core.errors import RefAlignInputError
+from refalign_core.bundles import BUNDLE_FILE
+from refalign_core.errors import RefAlignInputError
 
 
 def comfy_available() -> bool:

@@ -4,9 +4,9 @@ and LATENT, in one node. It is built on the same pieces as the modular wiring (S
 
 from comfy_api.latest import io
 
-from ..refalign_core.errors import RefAlignInputError
-from ..refalign_core.pipeline import generate
-from ..refalign_core.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS, MIN_SHIFT,
+from refalign_core.errors import RefAlignInputError
+from refalign_core.pipeline import generate
+from refalign_core.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS, MIN_SHIFT,
                                      SAMPLERS, SIZE_MULTIPLE, UNCOND_REFERENCES, SamplingSettings)
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched

@@ -1,5 +1,5 @@
 import pytest
-from refalign_core.toy.tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
+from tiny_models import tiny_dit, tiny_vae, write_tiny_text_encoder
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import torch
 
-from refalign_core.toy.tiny import TINY_DIT
+from tiny_models import TINY_DIT
 
 
 def video_inputs(batch=1, frames=3, height=8, width=12, text_len=7, seed=1):

@@ -28,7 +28,7 @@ from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.references import Reference, fit_on_white, prepare_references, to_chw
 from refalign_core.safetensors_io import read_safetensors
 from refalign_core.toy import MODELS_FOLDER
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 from refalign_core.training import load_training_config, train
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_folder, read_jsonl, read_opens2v
@@ -257,29 +257,29 @@ CASES = [
     Case("identity one [H,W,3] reference", api(lambda i, o: check_identity(torch.rand(32, 32, 3),
                                                                            torch.rand(3, 32, 32, 3), None)),
          RefAlignInputError, "references"),
-    # ComfyUI nodes (stand-ins for ComfyUI's runtime; the pack's own RefAlignInputError class, a ValueError)
+    # ComfyUI nodes (stand-ins for ComfyUI's runtime; the pack shares the core's RefAlignInputError)
     Case("node Loader unknown model", api(lambda i, o: node(o, "RefAlignLoader", "nope.safetensors",
-                                                             "default")), ValueError, "unet_name: nope"),
+                                                             "default")), RefAlignInputError, "unet_name: nope"),
     Case("node Loader weight dtype", api(lambda i, o: node(o, "RefAlignLoader", "nope.safetensors",
-                                                            "fp4")), ValueError, "weight_dtype"),
+                                                            "fp4")), RefAlignInputError, "weight_dtype"),
     Case("node references NaN image", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64,
                                                             image_1=torch.full((1, 32, 32, 3), math.nan))),
-         ValueError, "NaN"),
+         RefAlignInputError, "NaN"),
     Case("node references none", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64)),
-         ValueError, "no references"),
+         RefAlignInputError, "no references"),
     Case("node references size", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 65, 64,
-                                                       image_1=torch.rand(1, 32, 32, 3))), ValueError,
+                                                       image_1=torch.rand(1, 32, 32, 3))), RefAlignInputError,
          "multiples of 16"),
     Case("node references five", api(lambda i, o: node(o, "RefAlignMultiSubjectReference", 64, 64,
-                                                       image_1=torch.rand(5, 32, 32, 3))), ValueError,
+                                                       image_1=torch.rand(5, 32, 32, 3))), RefAlignInputError,
          "at most 4"),
     Case("node identity NaN frames", api(lambda i, o: node(o, "RefAlignIdentityCheck",
                                                            torch.full((3, 32, 32, 3), math.nan), False, 8,
                                                            reference_images=torch.rand(1, 32, 32, 3))),
-         ValueError, "NaN"),
+         RefAlignInputError, "NaN"),
     Case("node identity without references", api(lambda i, o: node(o, "RefAlignIdentityCheck",
                                                                    torch.rand(3, 32, 32, 3), False, 8)),
-         ValueError, "no references"),
+         RefAlignInputError, "no references"),
     # evaluation
     *[Case(f"eval cases {name}", command("--cases", f"{{i}}/cases/{name}.json", "--videos", "{i}", "--out", "{o}/r",
                                          run=eval_cli), 2, needle)
@@ -291,21 +291,25 @@ CASES = [
     Case("eval out under a file", command("--cases", "{i}/cases/ok.json", "--videos", "{i}", "--out",
                                           "{i}/a_file/r", run=eval_cli), 2, "a_file"),
     # training config and datasets (all checked before anything is built)
-    *[Case(f"config {text}", api(lambda i, o, text=text: load_training_config(write(o.parent / "c.yaml", text),
-                                                                             TINY_MODELS)), RefAlignInputError, key)
+    *[Case(f"config {text}", api(lambda i, o, text=text: load_training_config(write(o.parent / "c.yaml", text))),
+           RefAlignInputError, key)
       for key, text in [("train.lr", "train: {lr: 1e-4}"), ("train.lr", "train: {lr: -1.0}"),
                         ("train.lr", "train: {lr: .nan}"), ("train.checkpoint_every", "train: {checkpoint_every: 0}"),
                         ("train.grad_accum", "train: {grad_accum: 0}"), ("train.mode", "train: {mode: LoRA}"),
                         ("train.mode", "train: {mode: fulll}"), ("train.learning_rate", "train: {learning_rate: 1}"),
                         ("train.batch_size", "train: {batch_size: 2.5}"), ("data.fps", "data: {fps: 0}"),
-                        ("train.ema_decay", "train: {ema_decay: 1.5}"), ("data", "data: 5")]],
-    Case("train vae missing", api(lambda i, o: train(load_training_config(None, TINY_MODELS + [
+                        ("train.ema_decay", "train: {ema_decay: 1.5}"), ("data", "data: 5"),
+                        ("model.dit_config", "model: {dit: a.safetensors, dit_config: {num_layers: 2}}")]],
+    *[Case(f"train without model.{key}", api(lambda i, o, key=key: train(load_training_config(None, [
+        m for m in TOY_MODELS if not m.startswith(f"model.{key}=")]), o / "run")), RefAlignInputError, f"model.{key}")
+      for key in ("dit", "vae", "text_encoder")],
+    Case("train vae missing", api(lambda i, o: train(load_training_config(None, TOY_MODELS + [
         f"model.vae={i}/none.safetensors"]), o / "run")), RefAlignInputError, "model.vae"),
-    Case("train dataset missing", api(lambda i, o: train(load_training_config(None, TINY_MODELS + [
+    Case("train dataset missing", api(lambda i, o: train(load_training_config(None, TOY_MODELS + [
         f'data.datasets=[{{path: "{i}/none.jsonl"}}]']), o / "run")), RefAlignInputError, "data.datasets[0].path"),
-    Case("train output under a file", api(lambda i, o: train(load_training_config(None, TINY_MODELS),
+    Case("train output under a file", api(lambda i, o: train(load_training_config(None, TOY_MODELS),
                                                              i / "a_file" / "run")), RefAlignInputError, "a_file"),
-    Case("train previews prompts missing", api(lambda i, o: train(load_training_config(None, TINY_MODELS + [
+    Case("train previews prompts missing", api(lambda i, o: train(load_training_config(None, TOY_MODELS + [
         f"previews.prompts={i}/none.txt"]), o / "run")), RefAlignInputError, "previews.prompts"),
     Case("config not YAML", api(lambda i, o: load_training_config(write(o.parent / "c.yaml", "a: [b"))),
          RefAlignInputError, "YAML"),
@@ -320,7 +324,9 @@ CASES = [
     Case("sample prompts bad size", api(lambda i, o: read_sample_prompts(i / "prompts.txt", 5.0)),
          RefAlignInputError, "prompts.txt:1"),
 ]
-TINY_MODELS = [f"model.{k}=tiny" for k in ("dit", "vae", "text_encoder")]
+TOY = Path(__file__).parents[1] / "refalign_core" / "toy" / "models" / "refalign_toy"
+TOY_MODELS = [f"model.dit={TOY / 'dit.safetensors'}", f"model.vae={TOY / 'vae.safetensors'}",
+              f"model.text_encoder={TOY / 'text_encoder'}"]
 
 
 def node(out: Path, node_id: str, *args, **kwargs):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from refalign_core.__main__ import main
-from refalign_core.toy.demo import DEMO_SETTINGS, build_random_bundle
+from refalign_core.toy.demo import DEMO_SETTINGS
+from tiny_models import build_random_bundle
 from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.pipeline import RefAlignPipeline
 from refalign_core.video_io import read_video_frames
@@ -110,7 +111,9 @@ def test_core_imports_nothing_from_comfyui():
 
 
 def test_pack_entry_point_and_registry_metadata():
-    """ComfyUI finds `comfy_entrypoint` (V3); loading the pack imports nothing of ComfyUI or of its nodes."""
+    """ComfyUI finds `comfy_entrypoint` (V3); loading the pack imports nothing of ComfyUI or of its nodes. Without
+    `refalign_core` installed, the entry point makes the pack's own core the one `import refalign_core` finds (one
+    copy, no `refalign_pack.refalign_core`)."""
     import tomllib
     code = ("import importlib.util, inspect, sys\n"
             f"spec = importlib.util.spec_from_file_location('refalign_pack', {str(ROOT / '__init__.py')!r}, "
@@ -119,9 +122,21 @@ def test_pack_entry_point_and_registry_metadata():
             "sys.modules[spec.name] = module\n"
             "spec.loader.exec_module(module)\n"
             "print(inspect.iscoroutinefunction(module.comfy_entrypoint), hasattr(module, 'NODE_CLASS_MAPPINGS'),\n"
-            "      sorted(m for m in sys.modules if m.startswith(('comfy', 'refalign_pack.nodes', 'torch'))))")
+            "      sorted(m for m in sys.modules if m.startswith(('comfy', 'refalign_pack.nodes', 'torch'))))\n"
+            "class NotInstalled:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'refalign_core':\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, NotInstalled())\n"
+            f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+            "import asyncio, comfy_api_stub\n"
+            "comfy_api_stub.install()\n"
+            "nodes = asyncio.run(asyncio.run(module.comfy_entrypoint()).get_node_list())\n"
+            "import refalign_core\n"
+            "print(len(nodes), refalign_core.__file__, sorted(m for m in sys.modules if '.refalign_core' in m))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.split() == ["True", "False", "[]"], result.stdout + result.stderr
+    assert result.stdout.split() == ["True", "False", "[]", "8", str(ROOT / "refalign_core" / "__init__.py"), "[]"], \
+        result.stdout + result.stderr
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()
     comfy = project["tool"]["comfy"]

@@ -13,7 +13,7 @@ from PIL import Image
 from refalign_core.errors import RefAlignInputError
 from refalign_core.safetensors_io import write_safetensors
 from refalign_core.text_encoder import TextEncoder
-from refalign_core.toy.tiny import char_tokenizer, tiny_text_encoder
+from tiny_models import char_tokenizer, tiny_text_encoder
 from refalign_core.training.buckets import BucketBatchSampler, assign_bucket
 from refalign_core.training.cache import CacheSettings, FeatureCache, build_cache, check_fingerprint, \
     missing_entries, write_index

@@ -14,7 +14,7 @@ from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.text_encoder import TextEncoder
-from refalign_core.toy.tiny import char_tokenizer, tiny_text_encoder
+from tiny_models import char_tokenizer, tiny_text_encoder
 from refalign_core.training.cache import CacheSettings, build_cache, write_index
 from refalign_core.training.config import load_training_config
 from refalign_core.training.data import SkipCounter
@@ -166,7 +166,7 @@ def test_prepare_skips_what_the_feature_cache_skips(tmp_path, vae):
     (tmp_path / "opens2v" / "part.json").write_text(json.dumps({"below": below}))
     datasets = [{"path": str(folder), "format": "folder"},
                 {"path": str(tmp_path / "opens2v" / "part.json"), "format": "opens2v"}]
-    config = load_training_config(None, [f"model.{k}=tiny" for k in ("dit", "vae", "text_encoder")] + [
+    config = load_training_config(None, [
         f"data.datasets={json.dumps(datasets)}", "data.buckets.sizes=[[64, 48]]", "data.buckets.frames=[5]",
         "data.fps=null", "data.augment_copies=2"])
     report = dataset_report(config, tmp_path / "report")

@@ -34,7 +34,7 @@ from refalign_core.lora import LoraSpec
 from refalign_core.safetensors_io import read_safetensors
 from refalign_core.sampler import SamplingSettings, sample_r2v
 from refalign_core.text_encoder import encode_prompts, load_text_encoder
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 from refalign_core.vae import load_vae
 from refalign_core.files import OutputLock, write_atomic
 from refalign_core.video_io import load_image, write_video

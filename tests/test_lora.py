@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original
 from refalign_core.errors import RefAlignInputError
 from refalign_core.lora import LoraSpec, applied_loras, apply_loras, remove_loras
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui
 
 from helpers import video_inputs

@@ -13,6 +13,7 @@ import torch
 import comfy_stubs
 from pack import load_pack, pack_nodes, run_node
 from refalign_core.bundles import embedded_bundles, read_bundle
+from refalign_core.errors import RefAlignInputError
 from refalign_core.pipeline import VAECodec
 from refalign_core.text_encoder import encode_prompts, load_text_encoder
 from refalign_core.toy import EMBEDDED
@@ -114,9 +115,9 @@ def test_bundle_vae_speaks_the_wan21_latent_convention_and_matches_the_core_code
     torch.testing.assert_close(frames[0], core.decode((latents - mean) / std), rtol=1e-5, atol=1e-5)
     assert vae.spacial_compression_decode() == 8 and vae.temporal_compression_decode() == 4
     assert vae.downscale_ratio[0](81) == 21 and vae.upscale_ratio[0](21) == 81
-    with pytest.raises(ValueError, match="4n\\+1"):
+    with pytest.raises(RefAlignInputError, match="4n\\+1"):
         vae.encode(torch.rand(4, 64, 48, 3))
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(RefAlignInputError, match="multiples of 8"):
         vae.encode(torch.rand(1, 60, 48, 3))
 
 
@@ -156,7 +157,7 @@ def test_sampler_refuses_bad_input_before_any_work(comfy, change, match):
     text = [[torch.zeros(1, 7, 64), {}]]
     inputs = dict(model=fake_model(), positive=text, negative=text, vae=types.SimpleNamespace(latent_channels=16),
                   references=refs(pack), **SMALL)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(RefAlignInputError, match=match):
         run_node(pack_nodes(pack)["RefAlignR2VSampler"], **{**inputs, **change})
 
 
@@ -164,9 +165,9 @@ def test_guider_refuses_an_unpatched_model_and_text_of_the_wrong_width(comfy):
     pack, _, _ = comfy
     guider = pack_nodes(pack)["RefAlignGuider"]
     text = [[torch.zeros(1, 7, 64), {}]]
-    with pytest.raises(ValueError, match="no RefAlign patch"):
+    with pytest.raises(RefAlignInputError, match="no RefAlign patch"):
         guider.execute(fake_model(patched=False), text, text, text, 5.0, 7.5)
-    with pytest.raises(ValueError, match="negative_img_text"):
+    with pytest.raises(RefAlignInputError, match="negative_img_text"):
         guider.execute(fake_model(), text, text, [[torch.zeros(1, 7, 32), {}]], 5.0, 7.5)
 
 
@@ -176,7 +177,7 @@ def test_example_image_node_reads_the_packs_examples_in_place():
     assert names == ["refalign_example_red_disc.png", "refalign_example_striped_square.png"]
     image = run_node(node, image=names[0])[0]
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32 and image.max() <= 1
-    with pytest.raises(ValueError, match="example images"):
+    with pytest.raises(RefAlignInputError, match="example images"):
         run_node(node, image="../pyproject.toml")
 
 
@@ -187,11 +188,11 @@ def test_multi_subject_reference_collects_batches_masks_and_refuses_bad_input():
     assert len(refs_.references) == 3 and preview.shape == (3, 48, 64, 3)
     assert refs_.masks[2] is not None and [r.name for r in refs_.references] == ["subject 1", "subject 2",
                                                                                   "subject 3"]
-    with pytest.raises(ValueError, match="mask_2 is connected but image_2 is not"):
+    with pytest.raises(RefAlignInputError, match="mask_2 is connected but image_2 is not"):
         node.execute(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_2=torch.ones(8, 8))
-    with pytest.raises(ValueError, match="mask_1 has shape"):
+    with pytest.raises(RefAlignInputError, match="mask_1 has shape"):
         node.execute(64, 48, image_1=torch.rand(1, 8, 8, 3), mask_1=torch.ones(1, 9, 8))
-    with pytest.raises(ValueError, match="at most 4"):
+    with pytest.raises(RefAlignInputError, match="at most 4"):
         node.execute(64, 48, image_1=torch.rand(5, 8, 8, 3))
 
 
@@ -206,7 +207,7 @@ def test_identity_check_node_outputs_scores_text_and_sheet(comfy):
     assert "subject 1" in text and out.ui["text"] == [text]
     assert sheet.ndim == 4 and sheet.shape[-1] == 3
     assert (root / "temp" / out.ui["images"][0]["filename"]).is_file()
-    with pytest.raises(ValueError, match="no references"):
+    with pytest.raises(RefAlignInputError, match="no references"):
         node.execute(frames, False, 8)
 
 

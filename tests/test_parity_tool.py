@@ -11,7 +11,7 @@ import torch
 from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.checkpoint import dit_state_dict_original
 from refalign_core.lora import merge_lora
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 
 TOOL = Path(__file__).parents[1] / "tools" / "comfyui_parity.py"
 

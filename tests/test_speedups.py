@@ -12,7 +12,7 @@ from refalign_core.acceleration import attention_backend, set_attention_backend
 from refalign_core.caching import CACHES
 from refalign_core.errors import RefAlignInputError
 from refalign_core.sampler import SamplingSettings, one_pass_below, sample_r2v
-from refalign_core.toy.tiny import TINY_DIT
+from tiny_models import TINY_DIT
 
 TEXT = TINY_DIT["text_dim"]
 SETTINGS = SamplingSettings(num_frames=5, height=32, width=48, steps=8, shift=3.0)
@@ -127,7 +127,7 @@ def test_latent_preview_fits_the_vae_and_tracks_the_image():
 
 def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     from refalign_core import __main__ as cli
-    from refalign_core.toy.demo import build_random_bundle
+    from tiny_models import build_random_bundle
     from refalign_core.lora import LoraSpec
     bundle = build_random_bundle(tmp_path / "bundle")
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "ref.png")

@@ -54,7 +54,7 @@ def test_no_core_module_imports_the_toy():
                 bare = name.removeprefix("refalign_core.")
                 if bare == "toy" or bare.startswith("toy."):
                     assert (str(relative), bare) in allowed, f"{relative} imports {name}"
-    assert registry.EXTENSIONS == (".toy",)  # relative: the pack's own copy of the core finds its own toy
+    assert registry.EXTENSIONS == (".toy",)  # relative: the core finds the toy beside it
 
 
 def test_an_unregistered_vae_class_is_a_clear_error(tmp_path):

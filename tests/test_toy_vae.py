@@ -5,7 +5,7 @@ import torch
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.vae import decode_latents, encode_video, load_vae, save_vae
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
 from refalign_core.errors import RefAlignInputError
 from refalign_core.lora import merge_lora
-from refalign_core.toy.tiny import tiny_dit
+from tiny_models import tiny_dit
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui
 
@@ -26,6 +26,12 @@ ROOT = Path(__file__).parents[1]
 TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
 TINY = ROOT / "train" / "configs" / "tiny.yaml"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def initial_dit():
+    """The DiT tiny.yaml starts from (random weights, the config's seed)."""
+    config = load_training_config(TINY)
+    return tiny_dit(config.seed, **config.model.dit_config)
 
 
 def run(args, expect=0, launcher=(), **kwargs):
@@ -48,6 +54,7 @@ def accelerate_fsdp(port):
 def config(tmp_path, toy, name="cfg.yaml", **sections):
     """tiny.yaml on the shared toy data and cache, with `sections` merged in."""
     cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"].update({key: str(ROOT / cfg["model"][key]) for key in ("vae", "text_encoder")})  # any working folder
     cfg["data"].update(datasets=[{"path": str(toy["manifest"])}], cache_dir=str(toy["cache"]))
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -120,7 +127,7 @@ def test_exported_dit_loads_through_the_core_loader(tiny_run):
     trained = load_file(tiny_run / "checkpoints" / "step-000040" / "trainable.safetensors")
     state = dit.state_dict()
     assert all(torch.equal(state[k[len("dit."):]], v) for k, v in trained.items() if k.startswith("dit."))
-    assert not torch.equal(state["blocks.0.attn1.to_q.weight"], tiny_dit(0).state_dict()["blocks.0.attn1.to_q.weight"])
+    assert not torch.equal(state["blocks.0.attn1.to_q.weight"], initial_dit().state_dict()["blocks.0.attn1.to_q.weight"])
     projectors = load_file(tiny_run / "projectors.safetensors")
     assert set(projectors) == {f"blocks.{b}.input_mlp.proj.{i}.weight" for b in (0,) for i in (0, 2)}
     assert projectors["blocks.0.input_mlp.proj.2.weight"].shape == (1392, 16)
@@ -248,7 +255,7 @@ def test_resume_refuses_changed_settings_and_takes_a_new_learning_rate(tmp_path,
 
 
 def test_config_errors_name_the_key_before_anything_runs(tmp_path):
-    (tmp_path / "bad.yaml").write_text("model: {dit: tiny, vae: tiny, text_encoder: tiny}\ntrain:\n  lr: 1e-4\n")
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: 1e-4\n")
     result = run(["--config", tmp_path / "bad.yaml", "--output-dir", tmp_path / "out"], expect=2)
     assert "train.lr" in result.stderr and "1.0e-4" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing was created
@@ -262,12 +269,11 @@ def test_config_errors_name_the_key_before_anything_runs(tmp_path):
                          ("data: {datasets: [{format: webdataset, path: x}]}", "data.datasets[0].format"),
                          ("dropout: {text: 0.6, references: 0.6}", "dropout"),
                          ("memory: {base_weights: fp8_e4m3fn}", "memory.base_weights"),
-                         ("model: {dit: tiny}", "model.vae"),
+                         ("model: {dit: a.safetensors, dit_config: {num_layers: 2}}", "model.dit_config"),
                          ("- just a list", "top level")]:
         (tmp_path / "c.yaml").write_text(text)
         with pytest.raises(RefAlignInputError, match=re.escape(needle)):
-            tiny = [f"model.{k}=tiny" for k in ("dit", "vae", "text_encoder")] if "model" not in text else []
-            load_training_config(tmp_path / "c.yaml", tiny)
+            load_training_config(tmp_path / "c.yaml")
     config = load_training_config(TINY, ["train.batch_size=4", "data.buckets.frames=[5, 9]"])
     assert config.train.batch_size == 4 and config.data.buckets.frames == [5, 9]
     with pytest.raises(RefAlignInputError, match="KEY=VALUE"):
@@ -295,7 +301,8 @@ def test_sample_prompt_errors_name_the_file_and_line(tmp_path):
 def test_shipped_configs_parse():
     for path in (ROOT / "train" / "configs").glob("*.yaml"):
         config = load_training_config(path)
-        assert config.train.lr > 0 and config.model.dit
+        assert config.train.lr > 0 and (config.model.dit or config.model.dit_config), path
+        assert config.model.vae and config.model.text_encoder, path
 
 
 def test_comfyui_lora_export_matches_peft_when_merged():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from refalign_core.toy.tiny import TINY_DIT
+from tiny_models import TINY_DIT
 from refalign_core.transformer_refalign import VideoOnlyCrossAttnProcessor
 
 from helpers import video_inputs

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1]),
+                str(Path(__file__).resolve().parents[1] / "tests")]  # tests/: the tiny random models
 from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion_model, run_node  # noqa: E402
 
 make_torchvision_importable()
@@ -37,7 +38,7 @@ from refalign_core.bundles import embedded_bundles, read_bundle  # noqa: E402
 from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
 from refalign_core.toy.demo import DEMO_PROMPT, demo_references  # noqa: E402
 from refalign_core.lora import merge_lora  # noqa: E402
-from refalign_core.toy.tiny import tiny_dit  # noqa: E402
+from tiny_models import tiny_dit  # noqa: E402
 from refalign_core.vae import wan21_to_dit_space  # noqa: E402
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui  # noqa: E402
 

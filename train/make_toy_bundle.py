@@ -40,7 +40,7 @@ from refalign_core.bundles import BUNDLE_FILE
 from refalign_core.references import to_chw
 from refalign_core.toy.judge import WorldJudge, calibrate, save_judge, train_judge
 from refalign_core.toy.teacher import teacher_report, train_teacher
-from refalign_core.toy.tiny import tiny_text_encoder, word_tokenizer
+from refalign_core.toy.text_model import umt5_encoder, word_tokenizer
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy.world import FPS, make_toy_world, vocabulary
 from refalign_core.training import parse_config, train
@@ -157,7 +157,7 @@ def dit_config(recipe: dict, manifest: Path, bundle: Path, work: Path, variant: 
     return parse_config({
         "seed": seed,
         "shift": recipe["defaults"]["shift"],  # sampled with the same shift
-        "model": {"dit": "tiny", "dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
+        "model": {"dit_config": recipe["dit"], "vae": str(bundle / "vae.safetensors"),
                   "text_encoder": str(bundle / "text_encoder"), "vfm": vfm},
         "data": {"datasets": [{"path": str(manifest)}], "fps": None, "augment_copies": recipe["augment_copies"],
                  "num_workers": 0,
@@ -180,7 +180,7 @@ def build_autoencoders(recipe: dict, work: Path) -> tuple[Path, float, dict]:
 
     def build(folder: Path) -> None:
         tokenizer = word_tokenizer(vocabulary())
-        encoder = tiny_text_encoder(recipe["seed"], vocab_size=len(tokenizer), **recipe["text_encoder"])
+        encoder = umt5_encoder(recipe["seed"], len(tokenizer), **recipe["text_encoder"])
         encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
         tokenizer.save_pretrained(folder / "text_encoder")
         vae, vae_loss = train_vae(manifest, recipe["vae"], recipe["world"]["frames"], recipe["world"]["size"],

@@ -1,6 +1,6 @@
 """The toy world and the embedded default model: a synthetic multi-subject world (`world.py`), its small video
-autoencoder (`vae.py`), tiny random model builders for tests and demos (`tiny.py`), the demo (`demo.py`) and the
-shipped bundles (`models/`). Nothing in the inference path imports this package: the core finds the shipped bundles
+autoencoder (`vae.py`), its text encoder (`text_model.py`), the demo (`demo.py`) and the shipped bundles
+(`models/`). Nothing in the inference path imports this package: the core finds the shipped bundles
 and `ToyVideoVAE` through `refalign_core.registry`, where this package registers them on import (the registry's
 `EXTENSIONS` names it, so it is imported when those are asked for)."""
 

@@ -1,8 +1,7 @@
 """The embedded default model and the demo behind `python -m refalign_core demo`.
 
 The embedded model is the trained toy bundle shipped with the package (`refalign_core/toy/models/refalign_toy/`,
-built by `train/make_toy_bundle.py`). Where that folder is absent, an untrained tiny bundle (random weights, seed 0)
-is built once into the user's cache folder so every stage still runs. The demo runs the full reference-to-video
+built by `train/make_toy_bundle.py`). The demo runs the full reference-to-video
 path — fit references on white, VAE-encode, three-pass guided sampling, decode, write — and scores the result with
 the world judge (`judge.py`: the right subject in each lane, per frame) and with the Identity Check, each next to its
 ceiling: the judge on the toy world's own clip of the demo case after the bundle's VAE (the most a DiT can reach with
@@ -18,13 +17,12 @@ import numpy as np
 from PIL import Image
 
 from ..bundles import BUNDLE_FILE
+from ..errors import RefAlignInputError
 from ..pipeline import RefAlignPipeline
 from ..sampler import SamplingSettings
-from ..text_encoder import load_text_encoder
 from ..video_io import write_video
 from . import MODELS_FOLDER
 from .judge import JUDGE_FILE, WorldJudge, through_vae
-from .tiny import tiny_dit, tiny_vae, write_tiny_text_encoder
 from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
 
 DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
@@ -33,26 +31,11 @@ SHIPPED_BASELINE = MODELS_FOLDER / "refalign_toy_baseline"  # same data and step
 
 
 def embedded_bundle() -> Path:
-    """The shipped toy bundle if present, else an untrained tiny bundle (built on first use in the cache folder)."""
-    if (SHIPPED_BUNDLE / BUNDLE_FILE).is_file():
-        return SHIPPED_BUNDLE
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refalign" / "random_tiny_bundle"
-    if not (cache / BUNDLE_FILE).is_file():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        build_random_bundle(tmp)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        if not (cache / BUNDLE_FILE).is_file():
-            os.replace(tmp, cache)
-        else:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return cache
-
-
-def build_random_bundle(folder: Path) -> Path:
-    write_tiny_text_encoder(folder / "text_encoder")
-    pipe = RefAlignPipeline(dit=tiny_dit(), vae=tiny_vae(), text_encoder=load_text_encoder(folder / "text_encoder"),
-                            settings=DEMO_SETTINGS, fps=FPS)
-    return pipe.save_bundle(folder)
+    """The shipped toy bundle (part of the package; `train/make_toy_bundle.py` rebuilds it)."""
+    if not (SHIPPED_BUNDLE / BUNDLE_FILE).is_file():
+        raise RefAlignInputError(f"the embedded toy model is missing: {SHIPPED_BUNDLE / BUNDLE_FILE} does not exist "
+                                 f"(reinstall the package, or rebuild it with train/make_toy_bundle.py)")
+    return SHIPPED_BUNDLE
 
 
 # a red disc gliding right above a blue square with pink stripes gliding left (both training identities)

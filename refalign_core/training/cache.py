@@ -62,10 +62,10 @@ class CacheSettings:
                    data.augment_copies, config.seed, data.vfm_dtype, config.alignment.vfm_online)
 
 
-def model_identity(spec: str | None, seed: int) -> str:
-    """'tiny' (seeded), a named built-in model, or the identity of a file or of a folder's files."""
-    if spec in (None, "", "tiny", "efficientnet-lite0"):
-        return f"{spec or 'default'}:{seed}" if spec in (None, "", "tiny") else spec
+def model_identity(spec: str | None) -> str:
+    """A named built-in model, or the identity of a file or of a folder's files."""
+    if spec in (None, "", "efficientnet-lite0"):
+        return "efficientnet-lite0"
     path = Path(spec)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return hashlib.sha256("".join(f"{p.name}:{file_identity(str(p))};" for p in files).encode()).hexdigest()[:16]
@@ -75,9 +75,9 @@ def cache_fingerprint(config) -> dict:
     """What the cached features depend on besides the clips themselves."""
     settings = CacheSettings.from_config(config)
     return {"version": CACHE_VERSION, "settings": json.loads(json.dumps(asdict(settings))),
-            "vae": model_identity(config.model.vae, config.seed),
-            "text_encoder": model_identity(config.model.text_encoder, config.seed),
-            "vfm": model_identity(config.model.vfm, config.seed) if not settings.store_images else "online"}
+            "vae": model_identity(config.model.vae),
+            "text_encoder": model_identity(config.model.text_encoder),
+            "vfm": model_identity(config.model.vfm) if not settings.store_images else "online"}
 
 
 def entry_key(entry: ClipEntry) -> str:

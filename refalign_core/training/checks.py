@@ -9,20 +9,27 @@ from ..errors import RefAlignInputError
 from ..paths import check_output_folder
 from .checkpoints import complete_checkpoints, newest_checkpoint
 from .config import TrainingConfig, resume_differences
-from .model_build import TINY
 
 logger = logging.getLogger(__name__)
 
 
 def check_inputs(config: TrainingConfig, output_dir: Path) -> None:
-    """Every file the run will need exists and the output folder can be written, before hours of caching."""
+    """Every file the run will need is named and exists and the output folder can be written, before hours of
+    caching."""
+    m = config.model
+    if m.dit is None and m.dit_config is None:
+        raise RefAlignInputError("model.dit: required: a DiT .safetensors (Wan2.1-T2V / RefAlign), or "
+                                 "model.dit_config for a DiT trained from random weights")
+    for key, expected in (("vae", "a Wan2.1 VAE .safetensors"), ("text_encoder", "a umT5 folder")):
+        if getattr(m, key) is None:
+            raise RefAlignInputError(f"model.{key}: required: {expected}")
     named = {"model.dit": config.model.dit, "model.vae": config.model.vae,
              "model.text_encoder": config.model.text_encoder,
              "alignment.init_projectors": config.alignment.init_projectors}
     if config.model.vfm != "efficientnet-lite0":
         named["model.vfm"] = config.model.vfm
     for key, value in named.items():
-        if value not in (None, TINY) and not Path(value).exists():
+        if value is not None and not Path(value).exists():
             raise RefAlignInputError(f"{key}: {value} does not exist")
     for i, source in enumerate(config.data.datasets):
         for key in ("path", "videos", "backgrounds"):

@@ -47,11 +47,10 @@ PROBABILITY = _range(0, 1)
 
 @dataclass
 class ModelConfig:
-    dit: str | None = field(default=None, metadata={"required": "a DiT .safetensors (Wan2.1-T2V / RefAlign), or "
-                                                                "'tiny' for a random tiny one"})
-    dit_config: dict[str, int] | None = None  # with dit: tiny, overrides of the tiny DiT config
-    vae: str | None = field(default=None, metadata={"required": "a Wan2.1 VAE .safetensors, or 'tiny'"})
-    text_encoder: str | None = field(default=None, metadata={"required": "a umT5 folder, or 'tiny'"})
+    dit: str | None = None  # a DiT .safetensors (Wan2.1-T2V / RefAlign) to start from; or give dit_config
+    dit_config: dict[str, int] | None = None  # instead of dit: the architecture of a DiT trained from random weights
+    vae: str | None = None  # a Wan2.1 VAE .safetensors (required to train)
+    text_encoder: str | None = None  # a umT5 folder (required to train)
     # the release aligns to DINOv3 ViT-L/16 (give its local folder); the default runs offline
     vfm: str = "efficientnet-lite0"
 
@@ -189,8 +188,9 @@ class TrainingConfig:
                                                  "weights are frozen")
         if self.alignment.blocks is not None and (not self.alignment.blocks or min(self.alignment.blocks) < 0):
             _fail(source, "alignment.blocks", f"must be block indices ≥ 0 (or null), got {self.alignment.blocks}")
-        if self.model.dit != "tiny" and self.model.dit_config is not None:
-            _fail(source, "model.dit_config", "applies only to model.dit: tiny")
+        if self.model.dit is not None and self.model.dit_config is not None:
+            _fail(source, "model.dit_config", "is for a DiT trained from random weights: give it or model.dit, "
+                                              "not both")
 
     def validated(self, source: str = "config") -> "TrainingConfig":
         """The same checks as a YAML file gets; returns a checked copy."""

@@ -1,6 +1,6 @@
 """The models of a training run: the frozen encoders (VAE, text encoder, VFM), the DiT with its LoRA adapters and
-low-precision base weights, the alignment projectors and the EMA. A model path of "tiny" names a random tiny model
-(the smoke-test recipe); `_tiny` is the one place that builds them."""
+low-precision base weights, the alignment projectors and the EMA. A DiT starts from `model.dit`, or from random
+weights (seeded with `seed`) with the architecture `model.dit_config`."""
 
 import functools
 
@@ -10,25 +10,20 @@ from ..checkpoint import DTYPES, apply_layerwise_casting, load_dit, validated_or
 from ..errors import RefAlignInputError
 from ..safetensors_io import read_safetensors, read_safetensors_shapes
 from ..text_encoder import TextEncoder, load_text_encoder
+from ..transformer_refalign import RefAlignTransformer3DModel
 from ..vae import load_vae
 from ..vfm import load_vfm
 from .alignment import AlignmentProjectors, default_aligned_blocks
 from .config import TrainingConfig
 from .module import LORA_TARGETS, RefAlignTrainingModule
 
-TINY = "tiny"
 WEIGHT_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp8_e4m3fn")}  # memory.base_weights
 
 
-def _tiny(part: str, config: TrainingConfig, device="cpu"):
-    """The random tiny `part` ("dit", "vae" or "text_encoder") that a model path of "tiny" names."""
-    from ..toy import tiny
-
-    if part == "dit":
-        return tiny.tiny_dit(config.seed, **(config.model.dit_config or {}))
-    if part == "vae":
-        return tiny.tiny_vae(config.seed).to(device)
-    return TextEncoder(tiny.char_tokenizer(), tiny.tiny_text_encoder(config.seed).to(device))
+def _random_dit(config: TrainingConfig) -> RefAlignTransformer3DModel:
+    """A DiT with the architecture `model.dit_config`, random weights seeded with `seed`."""
+    torch.manual_seed(config.seed)
+    return RefAlignTransformer3DModel(**config.model.dit_config).eval()
 
 
 class Encoders:
@@ -39,14 +34,10 @@ class Encoders:
 
     @functools.cached_property
     def vae(self):
-        if self.config.model.vae == TINY:
-            return _tiny("vae", self.config, self.device)
         return load_vae(self.config.model.vae, device=self.device)
 
     @functools.cached_property
     def text_encoder(self) -> TextEncoder:
-        if self.config.model.text_encoder == TINY:
-            return _tiny("text_encoder", self.config, self.device)
         return load_text_encoder(self.config.model.text_encoder, device=self.device)
 
     @functools.cached_property
@@ -58,15 +49,15 @@ class Encoders:
 
 
 def _dit_config(config: TrainingConfig) -> dict:
-    """The DiT's architecture, read from the file's header (a tiny DiT: built on the meta device)."""
+    """The DiT's architecture, read from the file's header (from random weights: built on the meta device)."""
     m = config.model
-    if m.dit != TINY:
+    if m.dit is not None:
         return validated_original(*read_safetensors_shapes(m.dit, "model.dit"), path=f"model.dit {m.dit}")[1]
     try:
         with torch.device("meta"), torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
-            return dict(_tiny("dit", config).config)
+            return dict(_random_dit(config).config)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise RefAlignInputError(f"model.dit_config {m.dit_config}: not a valid tiny DiT config: {e}") from e
+        raise RefAlignInputError(f"model.dit_config {m.dit_config}: not a valid DiT config: {e}") from e
 
 
 def check_model(config: TrainingConfig, vfm_dim: int | None) -> None:
@@ -96,9 +87,9 @@ def check_model(config: TrainingConfig, vfm_dim: int | None) -> None:
 def _load_dit(config: TrainingConfig):
     """The DiT in training mode, its base weights stored as `memory.base_weights` asks."""
     base_dtype = WEIGHT_DTYPES.get(config.memory.base_weights)
-    if config.model.dit != TINY:
+    if config.model.dit is not None:
         return load_dit(config.model.dit, weight_dtype=base_dtype).train()
-    dit = _tiny("dit", config)
+    dit = _random_dit(config)
     if base_dtype is not None:
         apply_layerwise_casting(dit, base_dtype, torch.float32)
     return dit.train()

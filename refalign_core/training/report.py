@@ -123,8 +123,6 @@ def _run(argv) -> int:
         overrides.append(f"data.datasets={json.dumps([source])}")
     elif not args.config:
         raise RefAlignInputError("prepare: give --config or --dataset")
-    for key in ("dit", "vae", "text_encoder"):  # not needed to check data
-        overrides.append(f"model.{key}=tiny")
     config = load_training_config(args.config, overrides)
     check_output_folder(Path(args.out), "--out")
     report = dataset_report(config, Path(args.out))

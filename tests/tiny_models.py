@@ -1,4 +1,5 @@
-"""Tiny random models and bundles for tests, benchmarks and the demo (built in-process, no downloads)."""
+"""Tiny random models and bundles for tests, benchmarks and tools (built in-process, no downloads). Benchmarks and
+tools reach this file by putting `tests/` on `sys.path`."""
 
 import string
 from pathlib import Path
@@ -7,19 +8,24 @@ import torch
 from diffusers import AutoencoderKLWan
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import PreTrainedTokenizerFast
 
-from ..transformer_refalign import RefAlignTransformer3DModel
+from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.text_encoder import load_text_encoder
+from refalign_core.toy.demo import DEMO_SETTINGS
+from refalign_core.toy.text_model import umt5_encoder
+from refalign_core.toy.world import FPS
+from refalign_core.transformer_refalign import RefAlignTransformer3DModel
 
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
                 freq_dim=32, ffn_dim=64, num_layers=3)
 TINY_VAE = dict(base_dim=8, z_dim=16)
-TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                 relative_attention_max_distance=16)
+TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TOKEN_CHARS = string.ascii_lowercase + string.digits + " .,'-!?"
 
 
 def tiny_dit(seed: int = 0, **overrides) -> RefAlignTransformer3DModel:
+    """A random DiT: `TINY_DIT` with `overrides` (pass a whole config for other shapes)."""
     torch.manual_seed(seed)
     return RefAlignTransformer3DModel(**{**TINY_DIT, **overrides}).eval()
 
@@ -40,19 +46,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def word_tokenizer(words) -> PreTrainedTokenizerFast:
-    """A T5-style tokenizer whose tokens are whole words of a closed vocabulary (the toy world's captions)."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(sorted(set(words)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def tiny_text_encoder(seed: int = 0, vocab_size: int = 64, **overrides) -> UMT5EncoderModel:
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **{**TINY_UMT5, **overrides})).eval()
+def tiny_text_encoder(seed: int = 0, vocab_size: int = 64, **overrides):
+    return umt5_encoder(seed, vocab_size, **{**TINY_UMT5, **overrides})
 
 
 def write_tiny_text_encoder(folder: str | Path, seed: int = 0) -> Path:
@@ -60,3 +55,11 @@ def write_tiny_text_encoder(folder: str | Path, seed: int = 0) -> Path:
     tiny_text_encoder(seed).save_pretrained(folder, safe_serialization=True)
     char_tokenizer().save_pretrained(folder)
     return folder
+
+
+def build_random_bundle(folder: Path) -> Path:
+    """An untrained bundle (tiny DiT, VAE and umT5, seed 0) with the demo's settings, written to `folder`."""
+    write_tiny_text_encoder(folder / "text_encoder")
+    pipe = RefAlignPipeline(dit=tiny_dit(), vae=tiny_vae(), text_encoder=load_text_encoder(folder / "text_encoder"),
+                            settings=DEMO_SETTINGS, fps=FPS)
+    return pipe.save_bundle(folder)
