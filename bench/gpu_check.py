@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from refalign_core.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
-from refalign_core.checkpoint import apply_layerwise_casting
-from refalign_core.sampler import SamplingSettings, sample_r2v
+from refalign_core.inference.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
+from refalign_core.models.checkpoint import apply_layerwise_casting
+from refalign_core.inference.sampler import SamplingSettings, sample_r2v
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
 from tiny_models import tiny_dit  # noqa: E402

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from refalign_core.identity import check_identity
-from refalign_core.vfm import load_vfm
+from refalign_core.metrics.identity import check_identity
+from refalign_core.models.vfm import load_vfm
 
 
 def scene(frames=81, height=480, width=832):
@@ -48,7 +48,7 @@ def main() -> None:
     vfm = load_vfm("efficientnet-lite0")
     face_embedder = None
     if args.faces:
-        from refalign_core.faces import FaceEmbedder
+        from refalign_core.metrics.faces import FaceEmbedder
         face_embedder = FaceEmbedder()
     print(f"backbone load: {time.perf_counter() - start:.2f} s")
     references, video = scene()

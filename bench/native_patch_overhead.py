@@ -22,7 +22,7 @@ from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion
 
 make_torchvision_importable()
 
-from refalign_core.checkpoint import save_dit  # noqa: E402
+from refalign_core.models.checkpoint import save_dit  # noqa: E402
 from tiny_models import tiny_dit  # noqa: E402
 
 WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,

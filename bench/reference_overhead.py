@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from refalign_core.transformer_refalign import RefAlignTransformer3DModel
+from refalign_core.models.transformer_refalign import RefAlignTransformer3DModel
 
-CONFIGS = Path(__file__).parents[1] / "refalign_core" / "configs"
+CONFIGS = Path(__file__).parents[1] / "refalign_core" / "models" / "configs"
 TINY = dict(num_attention_heads=4, attention_head_dim=32, text_dim=256, freq_dim=64, ffn_dim=512, num_layers=4)
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from refalign_core.toy.demo import DEMO_NAMES, DEMO_PROMPT, demo_references, embedded_bundle
-from refalign_core.identity import IdentitySettings, check_identity
-from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.vfm import load_vfm
+from refalign_core.metrics.identity import IdentitySettings, check_identity
+from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.inference.sampler import SamplingSettings, sample_r2v
+from refalign_core.models.vfm import load_vfm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
 from tiny_models import tiny_dit  # noqa: E402

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from refalign_core.text_encoder import TextEncoder
+from refalign_core.models.text_encoder import TextEncoder
 from refalign_core.toy.text_model import umt5_encoder, word_tokenizer
 from refalign_core.toy.world import make_toy_world, vocabulary
 from refalign_core.training.alignment import AlignmentProjectors
@@ -36,7 +36,7 @@ from refalign_core.training.cache import CacheSettings, FeatureCache, build_cach
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_jsonl
 from refalign_core.training.module import RefAlignTrainingModule, make_training_batch
-from refalign_core.vfm import ConvTokenVFM, load_vfm
+from refalign_core.models.vfm import ConvTokenVFM, load_vfm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
 from tiny_models import tiny_dit, tiny_vae  # noqa: E402

@@ -8,9 +8,10 @@ space, so a native WAN21 MODEL gets exactly the DiT-space latents that the core 
 import torch
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.sampler import FRAMES_PER_LATENT
-from refalign_core.text_encoder import TextEncoder, encode_prompts
-from refalign_core.vae import decode_latents, dit_to_wan21_space, encode_video, wan21_to_dit_space
+from refalign_core.inference.sampler import FRAMES_PER_LATENT
+from refalign_core.models.text_encoder import TextEncoder, encode_prompts
+from refalign_core.models.vae import decode_latents, dit_to_wan21_space, encode_video, wan21_to_dit_space
+
 from . import runtime
 
 SPATIAL = 8  # pixels per latent cell, as the Wan2.1 VAE

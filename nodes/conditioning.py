@@ -5,7 +5,8 @@ positive, cond2 = negative_text, negative = negative_img_text, cfg_conds = s_txt
 import torch
 from comfy_api.latest import io
 
-from refalign_core.sampler import SamplingSettings, zero_references
+from refalign_core.inference.sampler import SamplingSettings, zero_references
+
 from . import runtime
 from .native import ComfyVAECodec, subject_conditioning
 from .references import REFERENCES

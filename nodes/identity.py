@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.identity import IdentitySettings, check_identity
-from refalign_core.identity_sheet import contact_sheet
-from refalign_core.vfm import load_vfm
+from refalign_core.metrics.identity import IdentitySettings, check_identity
+from refalign_core.metrics.identity_sheet import contact_sheet
+from refalign_core.models.vfm import load_vfm
+
 from . import runtime
 from .references import REFERENCES
 
@@ -59,7 +60,7 @@ def identity_outputs(frames, references=None, reference_images=None, clip_vision
     embedder = ClipVisionTokens(clip_vision) if clip_vision is not None else default_backbone()
     face_embedder = None
     if faces:
-        from refalign_core.faces import FaceEmbedder
+        from refalign_core.metrics.faces import FaceEmbedder
         face_embedder = FaceEmbedder()
     report = check_identity(refs, frames.cpu(), embedder, masks=masks,
                             settings=IdentitySettings(sample_frames=sample_frames),

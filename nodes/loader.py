@@ -6,10 +6,11 @@ model patches apply."""
 import torch
 from comfy_api.latest import io
 
-from refalign_core.bundles import embedded_bundles, read_bundle
+from refalign_core.inference.bundles import embedded_bundles, read_bundle
 from refalign_core.errors import RefAlignInputError
-from refalign_core.text_encoder import load_text_encoder
-from refalign_core.vae import load_vae
+from refalign_core.models.text_encoder import load_text_encoder
+from refalign_core.models.vae import load_vae
+
 from . import runtime
 from .bundle_models import BundleCLIP, BundleVAE
 from .native import load_native_dit

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from refalign_core.checkpoint import validated_original
+from refalign_core.models.checkpoint import validated_original
 from refalign_core.errors import RefAlignInputError
-from refalign_core.safetensors_io import read_safetensors, read_safetensors_shapes
-from refalign_core.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
-                                     one_pass_below, run_schedule, zero_references)
-from refalign_core.vae import dit_to_wan21_space, wan21_to_dit_space
+from refalign_core.models.safetensors_io import read_safetensors, read_safetensors_shapes
+from refalign_core.inference.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
+                                             one_pass_below, run_schedule, zero_references)
+from refalign_core.models.vae import dit_to_wan21_space, wan21_to_dit_space
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.references import (MAX_REFERENCES, RECOMMENDED_MAX_REFERENCES, Reference,
-                                         prepare_references)
+from refalign_core.inference.references import MAX_REFERENCES, RECOMMENDED_MAX_REFERENCES, Reference, prepare_references
 
 REFERENCES = io.Custom("REFALIGN_REFS")  # a ReferenceSet
 

@@ -3,7 +3,7 @@ ComfyUI. Outside ComfyUI they fall back to plain CPU behaviour."""
 
 import os
 
-from refalign_core.bundles import BUNDLE_FILE
+from refalign_core.inference.bundles import BUNDLE_FILE
 from refalign_core.errors import RefAlignInputError
 
 

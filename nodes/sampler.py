@@ -1,13 +1,15 @@
 """RefAlign R2V Sampler: a RefAlign-patched MODEL + prompt conditionings + VAE + references -> video frames (IMAGE)
 and LATENT, in one node. It is built on the same pieces as the modular wiring (Subject Conditioning → RefAlign Guider
-→ SamplerCustomAdvanced): `refalign_core.pipeline.generate` with the native denoiser and the ComfyUI VAE as codec."""
+→ SamplerCustomAdvanced): `refalign_core.inference.pipeline.generate` with the native denoiser and the ComfyUI VAE as
+codec."""
 
 from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.pipeline import generate
-from refalign_core.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS, MIN_SHIFT,
-                                     SAMPLERS, SIZE_MULTIPLE, UNCOND_REFERENCES, SamplingSettings)
+from refalign_core.inference.pipeline import generate
+from refalign_core.inference.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS,
+                                             MIN_SHIFT, SAMPLERS, SIZE_MULTIPLE, UNCOND_REFERENCES, SamplingSettings)
+
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched
 from .references import REFERENCES

@@ -1,16 +1,25 @@
-"""RefAlign core: the Wan2.1 DiT with the reference tail, checkpoint I/O, VAE / umT5 loading, reference
-preprocessing and the R2V sampler. Imports nothing from ComfyUI."""
+"""RefAlign core, imports nothing from ComfyUI. Its folders, each importing only those listed before it:
 
-from .checkpoint import load_dit, save_dit
+* `models/`: the Wan2.1 DiT with the reference tail, checkpoint and weight I/O, VAE, umT5, LoRA, the frozen VFMs;
+* `inference/`: references, the R2V sampler, `generate` and `RefAlignPipeline`, caches, speed options, bundles;
+* `metrics/`: the identity check, its contact sheet, face mode and the evaluation over many cases;
+* `training/`: the RefAlign training loop and its data; `toy/`: the toy world and the embedded model.
+
+`errors`, `files`, `paths` and `registry` serve them all; `python -m refalign_core` is the command line."""
+
+from . import deprecated
 from .errors import RefAlignInputError
-from .pipeline import GenerationResult, RefAlignPipeline, generate
-from .references import Reference, encode_references, fit_on_white, prepare_references
-from .sampler import SamplingCancelled, SamplingSettings, make_scheduler, sample_r2v, three_pass_guidance
-from .text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
-from .transformer_refalign import RefAlignTransformer3DModel, VideoOnlyCrossAttnProcessor
-from .vae import decode_latents, encode_video, load_vae, save_vae
+from .inference.pipeline import GenerationResult, RefAlignPipeline, generate
+from .inference.references import Reference, encode_references, fit_on_white, prepare_references
+from .inference.sampler import SamplingCancelled, SamplingSettings, make_scheduler, sample_r2v, three_pass_guidance
+from .models.checkpoint import load_dit, save_dit
+from .models.text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts, load_text_encoder
+from .models.transformer_refalign import RefAlignTransformer3DModel, VideoOnlyCrossAttnProcessor
+from .models.vae import decode_latents, encode_video, load_vae, save_vae
 
-__version__ = "0.1.0"
+deprecated.install()
+
+__version__ = "0.2.0"
 __all__ = [
     "GenerationResult", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel", "Reference",
     "SamplingCancelled", "SamplingSettings", "generate",

@@ -1,7 +1,8 @@
-"""Command line: `python -m refalign_core {generate,encode-prompt,encode-references,demo} ...`."""
+"""Command line: `python -m refalign_core {generate,encode-prompt,encode-references,demo,eval,prepare} ...`."""
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import sys
@@ -12,23 +13,23 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from .acceleration import ATTENTION_BACKENDS
-from .caching import CACHES
-from .checkpoint import DTYPES, read_dit_header
 from .errors import RefAlignInputError, run_command
 from .files import OutputLock, write_atomic
-from .lora import LoraSpec
-from .bundles import DEFAULT_FPS, Bundle, read_bundle
+from .inference.acceleration import ATTENTION_BACKENDS
+from .inference.bundles import DEFAULT_FPS, Bundle, read_bundle
+from .inference.caching import CACHES
+from .inference.memory import check_memory, memory_estimate
+from .inference.pipeline import RefAlignPipeline
+from .inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
+from .inference.sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
+                                check_text_embeddings)
+from .inference.video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
+from .models.checkpoint import DTYPES, read_dit_header
+from .models.lora import LoraSpec
+from .models.safetensors_io import read_safetensors, write_safetensors
+from .models.text_encoder import WAN_NEGATIVE_PROMPT, check_prompt_text, encode_prompts, load_text_encoder
+from .models.vae import load_vae
 from .paths import check_output_folder
-from .memory import check_memory, memory_estimate
-from .pipeline import RefAlignPipeline
-from .references import MAX_REFERENCES, Reference, encode_references, prepare_references
-from .safetensors_io import read_safetensors, write_safetensors
-from .sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
-                      check_text_embeddings)
-from .text_encoder import WAN_NEGATIVE_PROMPT, check_prompt_text, encode_prompts, load_text_encoder
-from .vae import load_vae
-from .video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
 
 
 
@@ -40,8 +41,8 @@ def _progress_callback(bar):
 
 def _preview_callback(pipe: RefAlignPipeline, path: str):
     """Rewrites the PNG at `path` (atomically) with a latent preview after every step."""
-    from .pipeline import VAECodec
-    from .previews import LatentPreview
+    from .inference.pipeline import VAECodec
+    from .inference.previews import LatentPreview
     if pipe.vae is None:
         raise RefAlignInputError("--preview needs a VAE (--vae or a bundle with one)")
 
@@ -299,7 +300,6 @@ def cmd_encode_references(args) -> None:
 def cmd_demo(args) -> None:
     from .toy.demo import run_demo
     check_output_folder(Path(args.out), "--out")
-    check_output_folder(Path(args.out), "--out")
     SamplingSettings(seed=args.seed)  # checks the seed
     with tqdm(desc="demo sampling", unit="step") as bar:
         paths = run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, seed=args.seed,
@@ -370,10 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bundle", help="use this bundle instead of the embedded one")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    for name, (_, help) in FORWARDED.items():  # listed here; their own parsers read their options
+        sub.add_parser(name, help=f"{help} (python -m refalign_core {name} --help)", add_help=False)
     return parser
 
 
+FORWARDED = {"eval": (".metrics.eval", "identity evaluation of generated videos against their references"),
+             "prepare": (".training.report", "check a training dataset and write a report, before any model loads")}
+
+
 def _run(argv) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return importlib.import_module(FORWARDED[argv[0]][0], __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
     args.func(args)

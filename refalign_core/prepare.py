@@ -1,9 +1,10 @@
-"""`python -m refalign_core.prepare --config my.yaml --out report/` (or `--dataset PATH`): check a training dataset
-and write a report before any model is loaded. The work is `refalign_core.training.report`."""
+"""Deprecated (removed in 0.3): `python -m refalign_core.prepare` is now `python -m refalign_core prepare`."""
 
 import sys
 
+from .deprecated import warn
 from .training.report import main
 
 if __name__ == "__main__":
+    warn("python -m refalign_core.prepare", "python -m refalign_core prepare")
     sys.exit(main())

@@ -4,7 +4,8 @@ the class name a saved VAE file's metadata names). An extension package register
 
 `EXTENSIONS` is the one place the core names an extension package. `load_extensions()` imports those — only when the
 shipped bundles are listed or a VAE file names a class nothing has registered yet — so importing the core (e.g.
-`refalign_core.pipeline`) imports none of them, and a file's metadata never chooses which module is imported."""
+`refalign_core.inference.pipeline`) imports none of them, and a file's metadata never chooses which module is
+imported."""
 
 import importlib
 from pathlib import Path

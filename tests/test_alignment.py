@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
-from refalign_core.training.alignment import (
-    AlignmentProjectors, default_aligned_blocks, flow_matching_sample, fm_loss, ra_gate, ra_loss, ra_loss_per_sample,
-    training_sigmas, timestep_weights,
-)
+from refalign_core.training.alignment import (AlignmentProjectors, default_aligned_blocks, flow_matching_sample,
+                                              fm_loss, ra_gate, ra_loss, ra_loss_per_sample, training_sigmas,
+                                              timestep_weights)
 
 
 class FixedProjector(torch.nn.Module):
@@ -94,7 +93,7 @@ def test_flow_matching_grid_weights_and_sample():
 
 
 def test_gradients_reach_dit_and_projectors_never_the_vfm(dit):
-    from refalign_core.vfm import EfficientNetLite0VFM, EfficientNetLite0
+    from refalign_core.models.vfm import EfficientNetLite0VFM, EfficientNetLite0
     vfm = EfficientNetLite0VFM(EfficientNetLite0().eval().requires_grad_(False))
     images = torch.rand(2, 3, 32, 48)
     tokens = vfm(images).flatten(0, 1)[None]  # [1, 2*T, 1392]

@@ -19,22 +19,22 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from refalign_core.__main__ import main as cli
-from refalign_core.bundles import BUNDLE_FILE, read_bundle
-from refalign_core.checkpoint import load_dit, save_dit
+from refalign_core.inference.bundles import BUNDLE_FILE, read_bundle
+from refalign_core.models.checkpoint import load_dit, save_dit
 from refalign_core.errors import RefAlignInputError
-from refalign_core.eval import main as eval_cli
-from refalign_core.identity import check_identity
-from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.references import Reference, fit_on_white, prepare_references, to_chw
-from refalign_core.safetensors_io import read_safetensors
+from refalign_core.metrics.eval import main as eval_cli
+from refalign_core.metrics.identity import check_identity
+from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.inference.references import Reference, fit_on_white, prepare_references, to_chw
+from refalign_core.models.safetensors_io import read_safetensors
 from refalign_core.toy import MODELS_FOLDER
 from tiny_models import tiny_dit
 from refalign_core.training import load_training_config, train
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_folder, read_jsonl, read_opens2v
 from refalign_core.training.previews import read_sample_prompts
-from refalign_core.vae import load_vae
-from refalign_core.video_io import load_image, write_video
+from refalign_core.models.vae import load_vae
+from refalign_core.inference.video_io import load_image, write_video
 
 TOY = MODELS_FOLDER / "refalign_toy"
 
@@ -411,8 +411,8 @@ def test_an_8000_pixel_reference_is_reduced_while_decoding(tmp_path):
     import sys
 
     Image.new("RGB", (8000, 8000), (20, 200, 20)).save(tmp_path / "huge.jpg", quality=90)
-    script = ("import resource, sys, torch; from refalign_core.references import prepare_references;"
-              "from refalign_core.video_io import load_image;"
+    script = ("import resource, sys, torch; from refalign_core.inference.references import prepare_references;"
+              "from refalign_core.inference.video_io import load_image;"
               f"refs = prepare_references([load_image({str(tmp_path / 'huge.jpg')!r}, (64, 64))], 64, 64);"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, float(refs[0, 1, 32, 32]))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -6,14 +6,13 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import save_file
 
-from refalign_core.checkpoint import (
-    dit_state_dict_original, expected_original_shapes, infer_dit_config, load_dit, save_dit,
-)
+from refalign_core.models.checkpoint import (dit_state_dict_original, expected_original_shapes, infer_dit_config,
+                                             load_dit, save_dit)
 from refalign_core.errors import RefAlignInputError
 
 from helpers import video_inputs
 
-CONFIGS = Path(__file__).parents[1] / "refalign_core" / "configs"
+CONFIGS = Path(__file__).parents[1] / "refalign_core" / "models" / "configs"
 
 
 def same_weights(a, b):
@@ -113,7 +112,7 @@ def test_real_release_shapes_are_detected(name, count):
     shapes = expected_original_shapes(config)  # built on the meta device: no memory
     assert len(shapes) == count
     prefixed = {f"model.diffusion_model.{k}": torch.empty(s, device="meta") for k, s in shapes.items()}
-    from refalign_core.checkpoint import to_original_naming
+    from refalign_core.models.checkpoint import to_original_naming
     inferred = infer_dit_config(to_original_naming(prefixed))
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in inferred.items()} == config
 
@@ -193,7 +192,7 @@ def test_sharded_index_loads(dit, tmp_path):
 
 
 def test_saving_is_atomic(dit, tmp_path, monkeypatch):
-    import refalign_core.safetensors_io as io
+    import refalign_core.models.safetensors_io as io
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

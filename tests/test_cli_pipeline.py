@@ -11,9 +11,9 @@ from PIL import Image
 from refalign_core.__main__ import main
 from refalign_core.toy.demo import DEMO_SETTINGS
 from tiny_models import build_random_bundle
-from refalign_core.bundles import BUNDLE_FILE
-from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.video_io import read_video_frames
+from refalign_core.inference.bundles import BUNDLE_FILE
+from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.inference.video_io import read_video_frames
 
 ROOT = Path(__file__).parents[1]
 

@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.safetensors_io import write_safetensors
-from refalign_core.text_encoder import TextEncoder
+from refalign_core.models.safetensors_io import write_safetensors
+from refalign_core.models.text_encoder import TextEncoder
 from tiny_models import char_tokenizer, tiny_text_encoder
 from refalign_core.training.buckets import BucketBatchSampler, assign_bucket
-from refalign_core.training.cache import CacheSettings, FeatureCache, build_cache, check_fingerprint, \
-    missing_entries, write_index
+from refalign_core.training.cache import (CacheSettings, FeatureCache, build_cache, check_fingerprint, missing_entries,
+                                          write_index)
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_folder, read_opens2v
-from refalign_core.video_io import write_video
+from refalign_core.inference.video_io import write_video
 
 
 def video(path, width, height, frames=17, colour=(200, 40, 40)):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.text_encoder import TextEncoder
+from refalign_core.models.text_encoder import TextEncoder
 from tiny_models import char_tokenizer, tiny_text_encoder
 from refalign_core.training.cache import CacheSettings, build_cache, write_index
 from refalign_core.training.config import load_training_config
@@ -21,7 +21,7 @@ from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_folder, read_jsonl, read_opens2v
 from refalign_core.training.previews import read_sample_prompts
 from refalign_core.training.report import dataset_report
-from refalign_core.video_io import write_video
+from refalign_core.inference.video_io import write_video
 
 
 def write_clip(path: Path, width=96, height=64, frames=9) -> Path:

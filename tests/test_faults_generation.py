@@ -24,20 +24,20 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import refalign_core.__main__ as cli_module
-import refalign_core.memory as memory_module
+import refalign_core.inference.memory as memory_module
 from refalign_core.__main__ import main as cli
-from refalign_core.checkpoint import load_dit
+from refalign_core.models.checkpoint import load_dit
 from refalign_core.errors import RefAlignInputError
-from refalign_core.eval import main as eval_cli
-from refalign_core.identity import IdentitySettings, check_identity
-from refalign_core.lora import LoraSpec
-from refalign_core.safetensors_io import read_safetensors
-from refalign_core.sampler import SamplingSettings, sample_r2v
-from refalign_core.text_encoder import encode_prompts, load_text_encoder
+from refalign_core.metrics.eval import main as eval_cli
+from refalign_core.metrics.identity import IdentitySettings, check_identity
+from refalign_core.models.lora import LoraSpec
+from refalign_core.models.safetensors_io import read_safetensors
+from refalign_core.inference.sampler import SamplingSettings, sample_r2v
+from refalign_core.models.text_encoder import encode_prompts, load_text_encoder
 from tiny_models import tiny_dit
-from refalign_core.vae import load_vae
+from refalign_core.models.vae import load_vae
 from refalign_core.files import OutputLock, write_atomic
-from refalign_core.video_io import load_image, write_video
+from refalign_core.inference.video_io import load_image, write_video
 from test_bad_input import TOY, Case, check_clear_error, command, generate
 
 SMALL = ["--width", "64", "--height", "64", "--frames", "5", "--steps", "2"]
@@ -329,7 +329,7 @@ def test_a_full_disk_while_saving_tensors_is_one_line_and_exit_1(command_line, i
         Path(path).write_bytes(b"\0" * 10)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("refalign_core.safetensors_io.save_file", full_disk)
+    monkeypatch.setattr("refalign_core.models.safetensors_io.save_file", full_disk)
     code = cli([a.format(i=inputs, o=tmp_path) for a in command_line])
     err = capsys.readouterr().err
     assert code == 1 and "No space left" in err and "Traceback" not in err, err
@@ -361,11 +361,11 @@ def test_fractional_frame_rates_are_stored_exactly(inputs, tmp_path):
 
 def test_unknown_words_are_named(caplog):
     encoder = load_text_encoder(TOY / "text_encoder")
-    with caplog.at_level("WARNING", logger="refalign_core.text_encoder"):
+    with caplog.at_level("WARNING", logger="refalign_core.models.text_encoder"):
         encode_prompts(encoder, ["a cat jumps over a dog"])
     assert "4 word(s)" in caplog.text and "cat, jumps, over, dog" in caplog.text, caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="refalign_core.text_encoder"):
+    with caplog.at_level("WARNING", logger="refalign_core.models.text_encoder"):
         encode_prompts(encoder, ["a disc moves right"])
     assert caplog.text == ""
 
@@ -422,14 +422,16 @@ def test_eval_write_failures_exit_1_and_leave_no_empty_report(inputs, tmp_path, 
 
     out = tmp_path / "report"
     args = ["--cases", str(cases), "--videos", str(tmp_path / "videos"), "--out", str(out), "--sample-frames", "2"]
-    monkeypatch.setattr("refalign_core.eval.write_atomic", full_disk_for(lambda path: path.parent.name == "cases"))
+    monkeypatch.setattr("refalign_core.metrics.eval.write_atomic",
+                        full_disk_for(lambda path: path.parent.name == "cases"))
     assert eval_cli(args) == 1
     err = capsys.readouterr().err
     assert "error: 1 case report(s) could not be written" in err and "No space" in err, err
     assert "No space left" in (out / "summary.csv").read_text()  # the case is failed, with its reason
     assert not (out / "cases" / "ok.json").exists() and not (out / "sheets" / "ok.png").exists()
     shutil.rmtree(out)
-    monkeypatch.setattr("refalign_core.eval.write_atomic", full_disk_for(lambda path: path.name.startswith("summary")))
+    monkeypatch.setattr("refalign_core.metrics.eval.write_atomic",
+                        full_disk_for(lambda path: path.name.startswith("summary")))
     (tmp_path / "videos" / "ok.mp4").unlink()
     assert eval_cli(args) == 1
     assert "error:" in capsys.readouterr().err

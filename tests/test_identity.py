@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.eval import main as eval_main
-from refalign_core.faces import FaceEmbedder
-from refalign_core.identity import check_identity, motion_amplitude
-from refalign_core.identity_sheet import contact_sheet
-from refalign_core.video_io import write_video
-from refalign_core.vfm import load_vfm
+from refalign_core.metrics.eval import main as eval_main
+from refalign_core.metrics.faces import FaceEmbedder
+from refalign_core.metrics.identity import check_identity, motion_amplitude
+from refalign_core.metrics.identity_sheet import contact_sheet
+from refalign_core.inference.video_io import write_video
+from refalign_core.models.vfm import load_vfm
 
 from scenes import background, moving_video, paste, subject
 
@@ -134,7 +134,7 @@ def test_reference_records_bring_their_mask_and_name(vfm):
     mask = torch.zeros(32, 32)
     mask[8:24, 8:24] = 1
     frames = torch.rand(3, 64, 64, 3)
-    from refalign_core.references import Reference
+    from refalign_core.inference.references import Reference
     recorded = check_identity([Reference(image, mask, "red square")], frames, vfm)
     explicit = check_identity([image], frames, vfm, masks=[mask], names=["red square"])
     assert [s.name for s in recorded.subjects] == ["red square"]

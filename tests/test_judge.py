@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from refalign_core.toy.demo import SHIPPED_BUNDLE
-from refalign_core.toy.judge import JUDGE_FILE, WorldJudge, calibrate, degrade, lane_crops, render_world_clips, \
-    through_vae
+from refalign_core.toy.judge import (JUDGE_FILE, WorldJudge, calibrate, degrade, lane_crops, render_world_clips,
+                                     through_vae)
 from refalign_core.toy.world import BACKGROUND, FRAMES, SIZE, Subject, all_subjects, plan_tracks, render_clip
-from refalign_core.vae import load_vae
+from refalign_core.models.vae import load_vae
 
 pytestmark = pytest.mark.skipif(not JUDGE_FILE.is_file(), reason="the shipped judge is built by the toy recipe")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original
+from refalign_core.models.checkpoint import dit_from_state_dict, dit_state_dict_original
 from refalign_core.errors import RefAlignInputError
-from refalign_core.lora import LoraSpec, applied_loras, apply_loras, remove_loras
+from refalign_core.models.lora import LoraSpec, applied_loras, apply_loras, remove_loras
 from tiny_models import tiny_dit
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui
 
@@ -50,7 +50,7 @@ def kohya(lora):
 
 def diffusers_names(lora, prefix):
     """ComfyUI format -> diffusers/peft names with alpha folded into B (what diffusers / peft save)."""
-    from refalign_core.checkpoint import convert_wan_transformer_to_diffusers
+    from refalign_core.models.checkpoint import convert_wan_transformer_to_diffusers
     out = {}
     for key, down in lora.items():
         if key.endswith(".lora_down.weight"):
@@ -153,7 +153,7 @@ def test_cli_spec_parsing(tmp_path):
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn])
 def test_low_precision_storage_takes_a_lora_within_its_rounding(tmp_path, storage):
-    from refalign_core.checkpoint import load_dit, save_dit
+    from refalign_core.models.checkpoint import load_dit, save_dit
     lora = comfy_lora()
     save_file(lora, tmp_path / "l.safetensors")
     save_dit(tiny_dit(0), tmp_path / "dit.safetensors")

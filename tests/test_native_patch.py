@@ -294,7 +294,7 @@ class FakeWanVAE:
 
 @pytest.fixture
 def conditioning(native, monkeypatch):
-    from refalign_core.vae import wan21_latent_stats
+    from refalign_core.models.vae import wan21_latent_stats
 
     helpers = types.ModuleType("node_helpers")
     helpers.conditioning_set_values = lambda cond, values: [[c[0], {**c[1], **values}] for c in cond]

@@ -12,12 +12,12 @@ import torch
 
 import comfy_stubs
 from pack import load_pack, pack_nodes, run_node
-from refalign_core.bundles import embedded_bundles, read_bundle
+from refalign_core.inference.bundles import embedded_bundles, read_bundle
 from refalign_core.errors import RefAlignInputError
-from refalign_core.pipeline import VAECodec
-from refalign_core.text_encoder import encode_prompts, load_text_encoder
+from refalign_core.inference.pipeline import VAECodec
+from refalign_core.models.text_encoder import encode_prompts, load_text_encoder
 from refalign_core.toy import EMBEDDED
-from refalign_core.vae import load_vae, wan21_latent_stats
+from refalign_core.models.vae import load_vae, wan21_latent_stats
 
 EMBEDDED_MODEL = next(iter(EMBEDDED))
 NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck",
@@ -247,7 +247,7 @@ def test_sampler_widgets_offer_only_what_the_core_accepts(comfy):
     """The widgets take their defaults and limits from the core's SamplingSettings: their defaults, minimums and
     maximums are all accepted by it, and one step beyond a limit the core defines is refused."""
     from refalign_core.errors import RefAlignInputError
-    from refalign_core.sampler import SamplingSettings
+    from refalign_core.inference.sampler import SamplingSettings
     pack, _, _ = comfy
     fields = {"width": "width", "height": "height", "length": "num_frames", "steps": "steps", "shift": "shift",
               "image_guidance": "image_scale", "text_guidance": "text_scale", "seed": "seed", "sampler": "sampler",

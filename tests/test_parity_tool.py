@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from refalign_core.bundles import BUNDLE_FILE
-from refalign_core.checkpoint import dit_state_dict_original
-from refalign_core.lora import merge_lora
+from refalign_core.inference.bundles import BUNDLE_FILE
+from refalign_core.models.checkpoint import dit_state_dict_original
+from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
 
 TOOL = Path(__file__).parents[1] / "tools" / "comfyui_parity.py"

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.references import Reference, encode_references, fit_on_white, prepare_references
-from refalign_core.vae import encode_video
+from refalign_core.inference.references import Reference, encode_references, fit_on_white, prepare_references
+from refalign_core.models.vae import encode_video
 
 
 def test_wide_image_is_fitted_and_padded_with_white_not_cropped():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.sampler import (SamplingCancelled, SamplingSettings, guidance_weights, make_scheduler,
-                                   sample_r2v, three_pass_guidance)
+from refalign_core.inference.sampler import (SamplingCancelled, SamplingSettings, guidance_weights, make_scheduler,
+                                             sample_r2v, three_pass_guidance)
 from tiny_models import TINY_DIT
 
 TEXT = TINY_DIT["text_dim"]

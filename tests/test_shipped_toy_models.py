@@ -15,9 +15,9 @@ from PIL import Image
 
 import comfy_stubs
 from pack import load_pack, pack_nodes, run_node
-from refalign_core.checkpoint import load_dit
+from refalign_core.models.checkpoint import load_dit
 from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
-from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.inference.pipeline import RefAlignPipeline
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy import EMBEDDED, MODELS_FOLDER as EMBEDDED_FOLDER
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from refalign_core.acceleration import attention_backend, set_attention_backend
-from refalign_core.caching import CACHES
+from refalign_core.inference.acceleration import attention_backend, set_attention_backend
+from refalign_core.inference.caching import CACHES
 from refalign_core.errors import RefAlignInputError
-from refalign_core.sampler import SamplingSettings, one_pass_below, sample_r2v
+from refalign_core.inference.sampler import SamplingSettings, one_pass_below, sample_r2v
 from tiny_models import TINY_DIT
 
 TEXT = TINY_DIT["text_dim"]
@@ -109,9 +109,9 @@ def test_attention_backend_falls_back_with_one_warning(dit, caplog):
 
 def test_latent_preview_fits_the_vae_and_tracks_the_image():
     from refalign_core.toy.demo import embedded_bundle
-    from refalign_core.pipeline import VAECodec
-    from refalign_core.previews import LatentPreview, fit_latent_rgb, preview_image
-    from refalign_core.vae import load_vae
+    from refalign_core.inference.pipeline import VAECodec
+    from refalign_core.inference.previews import LatentPreview, fit_latent_rgb, preview_image
+    from refalign_core.models.vae import load_vae
     codec = VAECodec(load_vae(embedded_bundle() / "vae.safetensors"))  # the trained toy VAE
     weights = fit_latent_rgb(codec)
     red = torch.zeros(1, 3, 32, 32)
@@ -128,7 +128,7 @@ def test_latent_preview_fits_the_vae_and_tracks_the_image():
 def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     from refalign_core import __main__ as cli
     from tiny_models import build_random_bundle
-    from refalign_core.lora import LoraSpec
+    from refalign_core.models.lora import LoraSpec
     bundle = build_random_bundle(tmp_path / "bundle")
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "ref.png")
     for name in ("a", "b"):  # the CLI checks the files exist; applying them is stubbed below
@@ -142,8 +142,8 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli.RefAlignPipeline, "__call__", spy)
     applied = []
-    monkeypatch.setattr("refalign_core.pipeline.apply_loras", lambda dit, loras: applied.extend(loras))
-    monkeypatch.setattr("refalign_core.pipeline.compile_blocks", lambda dit: applied.append("compiled"))
+    monkeypatch.setattr("refalign_core.inference.pipeline.apply_loras", lambda dit, loras: applied.extend(loras))
+    monkeypatch.setattr("refalign_core.inference.pipeline.compile_blocks", lambda dit: applied.append("compiled"))
     code = cli.main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", str(tmp_path / "ref.png"),
                      "--width", "32", "--height", "32", "--frames", "5", "--steps", "4", "--guidance-steps", "1",
                      "--cache", "first_block", "--cache-threshold", "0.2", "--text-kv-cache",
@@ -161,7 +161,7 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
 
 
 def test_a_cancelled_magcache_calibration_is_not_kept(dit):
-    from refalign_core.sampler import SamplingCancelled
+    from refalign_core.inference.sampler import SamplingCancelled
     calls, memo = [], {}
     with pytest.raises(SamplingCancelled):
         sample_r2v(dit, *inputs(), SETTINGS.replace(cache="magcache"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.inference.pipeline import RefAlignPipeline
 
 pytestmark = pytest.mark.slow
 

@@ -23,12 +23,12 @@ def test_the_pipeline_imports_no_toy_and_finds_its_bundles_and_vae_through_the_r
     """In one fresh process (each start costs seconds): importing the pipeline imports nothing of the toy or training;
     a toy bundle then loads (its `ToyVideoVAE` found through the registry) and the shipped bundles are listed."""
     folder = CORE / "toy" / "models" / "refalign_toy"
-    result = fresh("import sys; from refalign_core.pipeline import RefAlignPipeline;"
+    result = fresh("import sys; from refalign_core.inference.pipeline import RefAlignPipeline;"
                    "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', "
                    "'refalign_core.training'))));"
                    f"pipe = RefAlignPipeline.from_bundle({str(folder)!r});"
                    "print(type(pipe.vae).__name__, 'refalign_core.training' in sys.modules);"
-                   "from refalign_core.bundles import embedded_bundles; print(list(embedded_bundles()))")
+                   "from refalign_core.inference.bundles import embedded_bundles; print(list(embedded_bundles()))")
     assert result.returncode == 0, result.stdout + result.stderr
     imported, loaded, listed = result.stdout.strip().splitlines()
     assert imported == "[]" and loaded.split() == ["ToyVideoVAE", "False"]
@@ -60,7 +60,7 @@ def test_no_core_module_imports_the_toy():
 def test_an_unregistered_vae_class_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
     import torch
-    from refalign_core.vae import load_vae
+    from refalign_core.models.vae import load_vae
     save_file({"w": torch.zeros(1)}, tmp_path / "v.safetensors", metadata={"refalign.vae_class": "FancyVAE"})
     with pytest.raises(RefAlignInputError, match=r"FancyVAE.*registered: \['ToyVideoVAE'\]"):
         load_vae(tmp_path / "v.safetensors")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.safetensors_io import write_safetensors
-from refalign_core.vfm import ConvTokenVFM, load_vfm
+from refalign_core.models.safetensors_io import write_safetensors
+from refalign_core.models.vfm import ConvTokenVFM, load_vfm
 
 TEACHER = Path(__file__).parents[1] / "refalign_core" / "toy" / "models" / "teacher.safetensors"
 

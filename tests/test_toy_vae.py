@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.pipeline import RefAlignPipeline
+from refalign_core.inference.pipeline import RefAlignPipeline
 from tiny_models import tiny_dit
 from refalign_core.toy.vae import ToyVideoVAE
-from refalign_core.vae import decode_latents, encode_video, load_vae, save_vae
+from refalign_core.models.vae import decode_latents, encode_video, load_vae, save_vae
 
 
 def toy_vae(seed=0):
@@ -60,8 +60,9 @@ def test_the_inference_path_imports_nothing_of_the_toy_world_or_training():
     import subprocess
     import sys
 
-    code = ("import sys, refalign_core, refalign_core.pipeline, refalign_core.vae, refalign_core.checkpoint, "
-            "refalign_core.identity, refalign_core.eval, refalign_core.bundles;"
+    code = ("import sys, refalign_core, refalign_core.inference.pipeline, refalign_core.models.vae, "
+            "refalign_core.models.checkpoint, refalign_core.metrics.identity, refalign_core.metrics.eval, "
+            "refalign_core.inference.bundles;"
             "print(sorted(m for m in sys.modules if m.startswith(('refalign_core.toy', 'refalign_core.training'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import torch
 
-from refalign_core.toy.world import (FRAMES, SIZE, all_subjects, caption, make_toy_world, plan_tracks,
-                                     render_clip, render_subject, sample_case, vocabulary)
+from refalign_core.toy.world import (FRAMES, SIZE, all_subjects, caption, make_toy_world, plan_tracks, render_clip,
+                                     render_subject, sample_case, vocabulary)
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_jsonl
-from refalign_core.video_io import read_video_frames
+from refalign_core.inference.video_io import read_video_frames
 
 
 def test_identities_are_split_without_overlap_and_every_held_out_attribute_is_seen_in_training():

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
+from refalign_core.models.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
 from refalign_core.errors import RefAlignInputError
-from refalign_core.lora import merge_lora
+from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui

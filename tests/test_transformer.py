@@ -3,7 +3,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from tiny_models import TINY_DIT
-from refalign_core.transformer_refalign import VideoOnlyCrossAttnProcessor
+from refalign_core.models.transformer_refalign import VideoOnlyCrossAttnProcessor
 
 from helpers import video_inputs
 
@@ -174,7 +174,7 @@ def test_parent_source_is_the_reviewed_one(name):
     import inspect
 
     from diffusers.models.transformers import transformer_wan
-    from refalign_core.transformer_refalign import PARENT_SOURCE_SHA256
+    from refalign_core.models.transformer_refalign import PARENT_SOURCE_SHA256
     owner, method = name.split(".")
     source = inspect.getsource(getattr(getattr(transformer_wan, owner), method))
     assert hashlib.sha256(source.encode()).hexdigest() == PARENT_SOURCE_SHA256[name], \
@@ -187,7 +187,7 @@ def test_there_is_no_context_parallel_plan(dit):
 
 @torch.no_grad()
 def test_text_kv_cache_is_bit_identical_and_owned_by_the_caller(dit):
-    from refalign_core.transformer_refalign import TextKVCache
+    from refalign_core.models.transformer_refalign import TextKVCache
     x, t, text, refs = video_inputs()
     uncached = dit(x, t, text, reference_latents=refs).sample
     cond, uncond = TextKVCache(), TextKVCache()

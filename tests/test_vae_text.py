@@ -4,8 +4,8 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.text_encoder import encode_prompts, load_text_encoder
-from refalign_core.vae import decode_latents, encode_video, load_vae, save_vae, vae_diffusers_to_original_key
+from refalign_core.models.text_encoder import encode_prompts, load_text_encoder
+from refalign_core.models.vae import decode_latents, encode_video, load_vae, save_vae, vae_diffusers_to_original_key
 
 
 def test_vae_original_naming_is_the_inverse_of_diffusers_converter(vae):

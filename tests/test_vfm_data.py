@@ -9,7 +9,8 @@ from refalign_core.errors import RefAlignInputError
 from refalign_core.toy.world import FPS, make_toy_world
 from refalign_core.training.data import ReferenceAugmentation, SkipCounter, VideoInfo, load_video_clip, probe_video
 from refalign_core.training.datasets import read_jsonl
-from refalign_core.vfm import IMAGENET_MEAN, IMAGENET_STD, DinoVFM, EfficientNetLite0VFM, _normalize, load_efficientnet_lite0
+from refalign_core.models.vfm import (IMAGENET_MEAN, IMAGENET_STD, DinoVFM, EfficientNetLite0VFM, _normalize,
+                                      load_efficientnet_lite0)
 
 
 

@@ -10,12 +10,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.text_encoder import load_text_encoder
+from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.models.text_encoder import load_text_encoder
 from refalign_core.toy.demo import DEMO_SETTINGS
 from refalign_core.toy.text_model import umt5_encoder
 from refalign_core.toy.world import FPS
-from refalign_core.transformer_refalign import RefAlignTransformer3DModel
+from refalign_core.models.transformer_refalign import RefAlignTransformer3DModel
 
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
                 freq_dim=32, ffn_dim=64, num_layers=3)

@@ -34,12 +34,12 @@ from comfyui_env import make_torchvision_importable, open_comfyui, run_diffusion
 
 make_torchvision_importable()
 
-from refalign_core.bundles import embedded_bundles, read_bundle  # noqa: E402
-from refalign_core.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
+from refalign_core.inference.bundles import embedded_bundles, read_bundle  # noqa: E402
+from refalign_core.models.checkpoint import dit_from_state_dict, dit_state_dict_original, save_dit  # noqa: E402
 from refalign_core.toy.demo import DEMO_PROMPT, demo_references  # noqa: E402
-from refalign_core.lora import merge_lora  # noqa: E402
+from refalign_core.models.lora import merge_lora  # noqa: E402
 from tiny_models import tiny_dit  # noqa: E402
-from refalign_core.vae import wan21_to_dit_space  # noqa: E402
+from refalign_core.models.vae import wan21_to_dit_space  # noqa: E402
 from refalign_core.training import LORA_TARGETS, lora_state_dict_for_comfyui  # noqa: E402
 
 WAN_SHAPED = dict(num_attention_heads=2, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=512,
@@ -152,7 +152,7 @@ def core_sampling(sampler_name: str):
     """The core path (our DiT, the bundle's VAE and text encoder) on the same case -> latents in DiT space."""
     import dataclasses
 
-    from refalign_core.pipeline import RefAlignPipeline
+    from refalign_core.inference.pipeline import RefAlignPipeline
 
     pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
     settings = dataclasses.replace(pipe.settings, width=64, height=64, seed=0, sampler=sampler_name)
@@ -163,7 +163,7 @@ def modular_sampling(pack, model, loaded):
     """Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced (our sampler, the core's sigmas) -> latents in
     DiT space."""
     import comfy_extras.nodes_custom_sampler as custom
-    from refalign_core.sampler import SamplingSettings, initial_noise, make_scheduler
+    from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler
 
     references, positive, negative, d = toy_inputs(pack, loaded)
     conds = run_node(pack, "RefAlignSubjectConditioning", positive, negative, loaded[2], references, 64, 64,
@@ -250,7 +250,7 @@ def check_dual_cfg(pack, folder: Path) -> None:
     import comfy_extras.nodes_custom_sampler as custom
 
     native = pack.nodes.native
-    from refalign_core.sampler import SamplingSettings, initial_noise, make_scheduler
+    from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler
     model = native.load_native_dit(folder / "toy-shaped.safetensors")
     g = torch.Generator().manual_seed(3)
     fmt = comfy.latent_formats.Wan21()

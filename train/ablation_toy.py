@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from refalign_core.bundles import read_bundle
-from refalign_core.pipeline import RefAlignPipeline
-from refalign_core.references import Reference, encode_references
+from refalign_core.inference.bundles import read_bundle
+from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.inference.references import Reference, encode_references
 from refalign_core.toy.judge import HEADS, WorldJudge, through_vae
 from refalign_core.toy.teacher import pooled_tokens, reference_set, retrieval_scores, subject_token_mask
 from refalign_core.toy.world import BACKGROUND, all_subjects, caption, reference_image, render_clip, sample_case
-from refalign_core.vfm import load_vfm
+from refalign_core.models.vfm import load_vfm
 
 SHIPPED = {"RefAlign": "refalign_toy", "baseline": "refalign_toy_baseline"}
 EXTRA = {"positive-only RA": "refalign_toy_positive_only",

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from refalign_core.bundles import BUNDLE_FILE
-from refalign_core.references import to_chw
+from refalign_core.inference.bundles import BUNDLE_FILE
+from refalign_core.inference.references import to_chw
 from refalign_core.toy.judge import WorldJudge, calibrate, save_judge, train_judge
 from refalign_core.toy.teacher import teacher_report, train_teacher
 from refalign_core.toy.text_model import umt5_encoder, word_tokenizer
@@ -47,9 +47,9 @@ from refalign_core.training import parse_config, train
 from refalign_core.training.checkpoints import complete_checkpoints
 from refalign_core.training.data import SkipCounter, load_video_clip
 from refalign_core.training.datasets import read_jsonl
-from refalign_core.vae import load_vae, save_vae
-from refalign_core.vfm import load_vfm
-from refalign_core.video_io import load_image
+from refalign_core.models.vae import load_vae, save_vae
+from refalign_core.models.vfm import load_vfm
+from refalign_core.inference.video_io import load_image
 
 OUT = Path(__file__).resolve().parents[1] / "refalign_core" / "toy" / "models"
 RECIPE = {

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..bundles import BUNDLE_FILE
 from ..errors import RefAlignInputError
-from ..pipeline import RefAlignPipeline
-from ..sampler import SamplingSettings
-from ..video_io import write_video
+from ..inference.bundles import BUNDLE_FILE
+from ..inference.pipeline import RefAlignPipeline
+from ..inference.sampler import SamplingSettings
+from ..inference.video_io import write_video
 from . import MODELS_FOLDER
 from .judge import JUDGE_FILE, WorldJudge, through_vae
 from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
@@ -70,9 +70,9 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     case (report JSON / text, contact sheet). Every
     file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of them.
     Returns the written paths."""
-    from ..identity import IdentitySettings, check_identity
-    from ..identity_sheet import contact_sheet
-    from ..vfm import load_vfm
+    from ..metrics.identity import IdentitySettings, check_identity
+    from ..metrics.identity_sheet import contact_sheet
+    from ..models.vfm import load_vfm
 
     out = Path(out)
     pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())

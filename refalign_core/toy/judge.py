@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..safetensors_io import read_safetensors, write_safetensors
-from ..vae import decode_latents, encode_video
-from .world import BACKGROUND, COLOURS, FRAMES, PATTERNS, SHAPES, SIZE, SUBJECT_SIZES, Subject, all_subjects, \
-    render_clip, sample_case
+from ..models.safetensors_io import read_safetensors, write_safetensors
+from ..models.vae import decode_latents, encode_video
+from .world import (BACKGROUND, COLOURS, FRAMES, PATTERNS, SHAPES, SIZE, SUBJECT_SIZES, Subject, all_subjects,
+                    render_clip, sample_case)
 
 JUDGE_FILE = Path(__file__).resolve().parent / "models" / "judge.safetensors"
 CROP = 32  # pixels: each lane's subject is cut out as a square and resized to CROP×CROP

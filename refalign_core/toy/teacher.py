@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..references import fit_on_white
+from ..inference.references import fit_on_white
+from ..models.vfm import ConvTokenVFM
 from ..training.data import ReferenceAugmentation
-from ..vfm import ConvTokenVFM
 from .judge import HEADS, subject_labels
 from .world import SIZE, Subject, all_subjects, reference_image
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..files import write_atomic
-from ..video_io import write_video
+from ..inference.video_io import write_video
 
 SHAPES = ("disc", "square", "triangle", "diamond", "star", "cross", "hexagon")
 COLOURS = {"red": (215, 45, 45), "orange": (240, 140, 30), "yellow": (235, 205, 40), "green": (45, 160, 70),

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from ..errors import RefAlignInputError
 from ..files import is_temp, remove_stale_temps, write_atomic
-from ..references import encode_references, fit_on_white
-from ..safetensors_io import read_safetensors, write_safetensors
-from ..text_encoder import encode_prompts
-from ..vae import encode_video
+from ..inference.references import encode_references, fit_on_white
+from ..models.safetensors_io import read_safetensors, write_safetensors
+from ..models.text_encoder import encode_prompts
+from ..models.vae import encode_video
 from .buckets import assign_bucket
 from .config import DatasetSource
 from .data import ReferenceAugmentation, SkipCounter, file_identity, frames_at, load_video_clip, probe_video

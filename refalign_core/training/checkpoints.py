@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import RefAlignInputError
-from ..safetensors_io import read_safetensors, write_safetensors
+from ..models.safetensors_io import read_safetensors, write_safetensors
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "training_state.json"

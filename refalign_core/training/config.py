@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 
 from ..errors import RefAlignInputError
-from ..sampler import SIZE_MULTIPLE, is_frame_count, is_video_size
+from ..inference.sampler import SIZE_MULTIPLE, is_frame_count, is_video_size
 
 DATASET_FORMATS = ("jsonl", "folder", "opens2v")
 

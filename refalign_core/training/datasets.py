@@ -45,8 +45,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import RefAlignInputError
+from ..inference.video_io import load_image
 from ..paths import inside
-from ..video_io import load_image
 from .data import SkipCounter, file_identity, read_video_frame
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_METADATA_KEY, diffusers_to_original_key
-from ..safetensors_io import write_safetensors
+from ..models.checkpoint import CONFIG_METADATA_KEY, diffusers_to_original_key
+from ..models.safetensors_io import write_safetensors
 from .config import TrainingConfig
 from .module import lora_state_dict_for_comfyui
 

@@ -6,13 +6,13 @@ import functools
 
 import torch
 
-from ..checkpoint import DTYPES, apply_layerwise_casting, load_dit, validated_original
 from ..errors import RefAlignInputError
-from ..safetensors_io import read_safetensors, read_safetensors_shapes
-from ..text_encoder import TextEncoder, load_text_encoder
-from ..transformer_refalign import RefAlignTransformer3DModel
-from ..vae import load_vae
-from ..vfm import load_vfm
+from ..models.checkpoint import DTYPES, apply_layerwise_casting, load_dit, validated_original
+from ..models.safetensors_io import read_safetensors, read_safetensors_shapes
+from ..models.text_encoder import TextEncoder, load_text_encoder
+from ..models.transformer_refalign import RefAlignTransformer3DModel
+from ..models.vae import load_vae
+from ..models.vfm import load_vfm
 from .alignment import AlignmentProjectors, default_aligned_blocks
 from .config import TrainingConfig
 from .module import LORA_TARGETS, RefAlignTrainingModule

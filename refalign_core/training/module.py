@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import diffusers_to_original_key
-from ..text_encoder import TEXT_LENGTH
+from ..models.checkpoint import diffusers_to_original_key
+from ..models.text_encoder import TEXT_LENGTH
 from .alignment import AlignmentProjectors, flow_matching_sample, fm_loss, ra_gate, ra_loss
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from ..errors import RefAlignInputError
-from ..references import MAX_REFERENCES, Reference, encode_references, prepare_references
-from ..safetensors_io import read_safetensors, write_safetensors
-from ..sampler import SamplingSettings, sample_r2v
-from ..text_encoder import encode_prompts
-from ..video_io import load_image, write_video
+from ..inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
+from ..inference.sampler import SamplingSettings, sample_r2v
+from ..inference.video_io import load_image, write_video
+from ..models.safetensors_io import read_safetensors, write_safetensors
+from ..models.text_encoder import encode_prompts
 from .checkpoints import drop_rows_after
 from .datasets import read_text
 
@@ -139,9 +139,9 @@ class Previews:
 
     @torch.no_grad()
     def run(self, step: int, dit, autocast=None) -> list[dict]:
-        from ..identity import IdentitySettings, check_identity
-        from ..identity_sheet import contact_sheet
-        from ..pipeline import VAECodec
+        from ..metrics.identity import IdentitySettings, check_identity
+        from ..metrics.identity_sheet import contact_sheet
+        from ..inference.pipeline import VAECodec
 
         was_training = dit.training
         dit.eval()

@@ -1,4 +1,4 @@
-"""Dataset check before training (`python -m refalign_core.prepare`): read every configured dataset the way the
+"""Dataset check before training (`python -m refalign_core prepare`): read every configured dataset the way the
 feature cache will, and report what would be trained on — counts, every skipped entry with its reason, the
 resolution / length / bucket histograms, and a contact sheet of the references as the model will see them."""
 
@@ -105,7 +105,7 @@ def dataset_report(config, out: Path, sheet_rows: int = 48) -> dict:
 
 
 def _run(argv) -> int:
-    parser = argparse.ArgumentParser(prog="python -m refalign_core.prepare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m refalign_core prepare", description=__doc__)
     parser.add_argument("--config", help="a training config: its data.datasets, buckets and fps are checked")
     parser.add_argument("--dataset", help="or one dataset: a manifest .jsonl, a creator's folder or an OpenS2V JSON")
     parser.add_argument("--format", choices=("jsonl", "folder", "opens2v"), help="default: jsonl for a file, "

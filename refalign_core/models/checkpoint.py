@@ -11,7 +11,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 from .safetensors_io import read_safetensors, read_safetensors_shapes, write_safetensors
 from .transformer_refalign import RefAlignTransformer3DModel
 

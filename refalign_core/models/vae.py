@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from . import registry
-from .errors import RefAlignInputError, first_non_finite
+from .. import registry
+from ..errors import RefAlignInputError, first_non_finite
 from .safetensors_io import read_safetensors, write_safetensors
 
 WAN21_VAE_CONFIG = Path(__file__).parent / "configs" / "wan2.1_vae.json"

@@ -10,16 +10,16 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .bundles import DEFAULT_FPS, read_bundle, write_bundle_manifest
+from ..errors import RefAlignInputError
+from ..models.checkpoint import load_dit, save_dit
+from ..models.lora import LoraSpec, apply_loras
+from ..models.text_encoder import WAN_NEGATIVE_PROMPT, TextEncoder, encode_prompts, load_text_encoder
+from ..models.vae import decode_latents, latent_stats, load_vae, save_vae
 from .acceleration import compile_blocks, set_attention_backend
-from .checkpoint import load_dit, save_dit
-from .errors import RefAlignInputError
-from .lora import LoraSpec, apply_loras
+from .bundles import DEFAULT_FPS, read_bundle, write_bundle_manifest
 from .memory import check_memory, memory_estimate
 from .references import MAX_REFERENCES, as_references, encode_references, prepare_references
 from .sampler import SamplingSettings, sample_r2v
-from .text_encoder import WAN_NEGATIVE_PROMPT, TextEncoder, encode_prompts, load_text_encoder
-from .vae import decode_latents, latent_stats, load_vae, save_vae
 
 @dataclass
 class GenerationResult:

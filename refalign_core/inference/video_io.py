@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import RefAlignInputError
-from .files import write_atomic
+from ..errors import RefAlignInputError
+from ..files import write_atomic
 from .references import check_pixels
 
 VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import RefAlignInputError
-from .references import as_references, fit_on_white, to_chw
-from .video_io import to_uint8_frames
+from ..errors import RefAlignInputError
+from ..inference.references import as_references, fit_on_white, to_chw
+from ..inference.video_io import to_uint8_frames
 
 
 @dataclass

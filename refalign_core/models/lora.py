@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 
 LORA_PREFIX = "diffusion_model."
 ADAPTER_PREFIX = "refalign_lora_"

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import kornia
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
+from ..models.vae import encode_video
 from .sampler import SIZE_MULTIPLE, is_video_size
-from .vae import encode_video
 
 logger = logging.getLogger(__name__)
 

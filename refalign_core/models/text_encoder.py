@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 
 try:
     from huggingface_hub.errors import StrictDataclassError

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 from .sampler import SamplingSettings, guidance_weights
 
 GB = 1e9

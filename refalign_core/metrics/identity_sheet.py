@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..inference.references import fit_on_white
+from ..inference.video_io import to_uint8_frames
 from .identity import IdentityReport
-from .references import fit_on_white
-from .video_io import to_uint8_frames
 
 COLOURS = [(230, 60, 60), (60, 120, 240), (40, 180, 90), (240, 180, 30), (170, 80, 200), (30, 190, 200)]
 THUMB = 150

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import registry
-from .errors import RefAlignInputError
-from .paths import inside
+from .. import registry
+from ..errors import RefAlignInputError
+from ..paths import inside
 from .sampler import SamplingSettings
 
 BUNDLE_FILE = "refalign_bundle.json"

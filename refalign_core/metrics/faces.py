@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 
 SAME_PERSON_DISTANCE = 0.6  # dlib's documented threshold for its face embedding
 

@@ -8,9 +8,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import RefAlignInputError
-from .files import write_atomic
-from .paths import inside
+from ..errors import RefAlignInputError
+from ..files import write_atomic
+from ..paths import inside
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from ..errors import RefAlignInputError, first_non_finite
+from ..models.lora import applied_loras
+from ..models.transformer_refalign import TextKVCache
 from .caching import CACHES, MagCalibration, cache_config, dit_cache
-from .errors import RefAlignInputError, first_non_finite
-from .lora import applied_loras
-from .transformer_refalign import TextKVCache
 
 logger = logging.getLogger(__name__)
 

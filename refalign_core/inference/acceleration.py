@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from .errors import RefAlignInputError
+from ..errors import RefAlignInputError
 
 logger = logging.getLogger(__name__)
 
