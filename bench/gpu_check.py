@@ -15,7 +15,8 @@ from diffusers import WanTransformer3DModel
 
 from refalign_core.inference.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
 from refalign_core.models.checkpoint import apply_layerwise_casting
-from refalign_core.inference.sampler import SamplingSettings, sample_r2v
+from refalign_core.inference.pipeline import DiTDenoiser, generate
+from refalign_core.inference.sampler import SamplingSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
 from tiny_models import tiny_dit  # noqa: E402
@@ -59,8 +60,11 @@ def dit(storage=torch.bfloat16, block_swap=False):
 def row(name, model, **options):
     prompt, negative, references = inputs()
     settings = SETTINGS.replace(**options)
-    sample_r2v(model, prompt, negative, references, settings.replace(steps=1))  # warm-up
-    step, peak = timed(lambda: sample_r2v(model, prompt, negative, references, settings))
+    def sample(settings):
+        return generate(DiTDenoiser(model), None, (prompt, negative), settings, reference_latents=references)
+
+    sample(settings.replace(steps=1))  # warm-up
+    step, peak = timed(lambda: sample(settings))
     print(f"{name:40s} {step:8.2f} s/step {peak:7.1f} GiB", flush=True)
 
 

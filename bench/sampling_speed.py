@@ -22,8 +22,8 @@ import torch
 
 from refalign_core.toy.demo import DEMO_NAMES, DEMO_PROMPT, demo_references, embedded_bundle
 from refalign_core.metrics.identity import IdentitySettings, check_identity
-from refalign_core.inference.pipeline import RefAlignPipeline
-from refalign_core.inference.sampler import SamplingSettings, sample_r2v
+from refalign_core.inference.pipeline import DiTDenoiser, RefAlignPipeline, generate
+from refalign_core.inference.sampler import SamplingSettings
 from refalign_core.models.vfm import load_vfm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
@@ -136,7 +136,9 @@ def wan_shape(runs: int, blocks: int) -> None:
     counter = EvaluationCounter(dit)
 
     def sample(options):
-        return sample_r2v(dit, prompt, negative, references, settings.replace(**options)), counter.take()
+        result = generate(DiTDenoiser(dit), None, (prompt, negative), settings.replace(**options),
+                          reference_latents=references)
+        return result.latents, counter.take()
 
     results = run_features(WAN_FEATURES, sample, runs)
     report(f"Wan2.1-1.3B shapes, {blocks} of 30 blocks, random weights, 9x240x416, 4 steps, {runs} runs", results)

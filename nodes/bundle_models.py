@@ -8,7 +8,7 @@ space, so a native WAN21 MODEL gets exactly the DiT-space latents that the core 
 import torch
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.inference.sampler import FRAMES_PER_LATENT
+from refalign_core.inference.sampler import FRAMES_PER_LATENT, is_frame_count
 from refalign_core.models.text_encoder import TextEncoder, encode_prompts
 from refalign_core.models.vae import decode_latents, dit_to_wan21_space, encode_video, wan21_to_dit_space
 
@@ -32,7 +32,7 @@ class BundleVAE:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         frames = pixels.shape[0]
-        if pixels.ndim != 4 or frames % FRAMES_PER_LATENT != 1:
+        if pixels.ndim != 4 or not is_frame_count(frames):
             raise RefAlignInputError(f"VAE encode: pixels of shape {tuple(pixels.shape)}; expected [T, H, W, C] "
                                      f"with T = 4n+1 frames (1, 5, 9, …)")
         if pixels.shape[1] % SPATIAL or pixels.shape[2] % SPATIAL:

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.metrics.identity import IdentitySettings, check_identity
-from refalign_core.metrics.identity_sheet import contact_sheet
+from refalign_core.metrics.identity import IdentitySettings
+from refalign_core.metrics.identity_sheet import evaluate
 from refalign_core.models.vfm import load_vfm
 
 from . import runtime
@@ -62,11 +62,10 @@ def identity_outputs(frames, references=None, reference_images=None, clip_vision
     if faces:
         from refalign_core.metrics.faces import FaceEmbedder
         face_embedder = FaceEmbedder()
-    report = check_identity(refs, frames.cpu(), embedder, masks=masks,
-                            settings=IdentitySettings(sample_frames=sample_frames),
-                            backbone_name="clip_vision" if clip_vision is not None else "efficientnet-lite0",
-                            face_embedder=face_embedder)
-    sheet = contact_sheet(report, refs, frames.cpu())
+    report, sheet = evaluate(refs, frames.cpu(), embedder, masks=masks,
+                             settings=IdentitySettings(sample_frames=sample_frames),
+                             backbone_name="clip_vision" if clip_vision is not None else "efficientnet-lite0",
+                             face_embedder=face_embedder)
     sheet_tensor = torch.from_numpy(np.asarray(sheet).copy()).float().div(255)[None]
     scores = [s.mean for s in report.subjects] + [0.0] * (MAX_SUBJECTS - len(report.subjects))
     text = report.summary()

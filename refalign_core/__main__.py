@@ -16,10 +16,10 @@ from tqdm import tqdm
 from .errors import RefAlignInputError, run_command
 from .files import OutputLock, write_atomic
 from .inference.acceleration import ATTENTION_BACKENDS
-from .inference.bundles import DEFAULT_FPS, Bundle, read_bundle
+from .inference.bundles import Bundle, read_bundle
 from .inference.caching import CACHES
 from .inference.memory import check_memory, memory_estimate
-from .inference.pipeline import RefAlignPipeline
+from .inference.pipeline import PipelineSpec, RefAlignPipeline, load_pipeline
 from .inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
 from .inference.sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
                                 check_text_embeddings)
@@ -118,13 +118,12 @@ def _fps(text: str) -> Fraction:
         raise argparse.ArgumentTypeError(f"not a number or a ratio like 24000/1001: {text!r}") from None
 
 
-def _load_pipeline(args, loras: tuple[LoraSpec, ...]) -> RefAlignPipeline:
-    kwargs = dict(compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
-                  device=args.device, vae_tiling=args.vae_tiling, loras=loras,
-                  attention_backend=args.attention_backend, compile=args.compile)
-    if args.bundle:
-        return RefAlignPipeline.from_bundle(args.bundle, **kwargs)
-    return RefAlignPipeline.from_files(args.dit, args.vae, args.text_encoder, **kwargs)
+def _pipeline_spec(args, settings: SamplingSettings) -> PipelineSpec:
+    return PipelineSpec(bundle=args.bundle, dit=args.dit, vae=args.vae,
+                        text_encoder=args.text_encoder, settings=settings, fps=args.fps, device=args.device,
+                        compute_dtype=DTYPES[args.compute_dtype], weight_dtype=DTYPES.get(args.weight_dtype),
+                        vae_tiling=args.vae_tiling, loras=tuple(LoraSpec.parse(text) for text in args.lora or ()),
+                        attention_backend=args.attention_backend, compile=args.compile)
 
 
 def _add_model_args(p):
@@ -176,11 +175,10 @@ def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     return base.replace(source="command line", **options)
 
 
-def _check_run_fits(args, bundle: Bundle | None, settings: SamplingSettings, embeds: dict) -> None:
+def _check_run_fits(args, spec: PipelineSpec, embeds: dict) -> None:
     """The given embeddings, the video within the DiT's RoPE positions and the run within free memory, from the DiT
     file's header alone: found before any weight is read or any tensor of the video's size is made."""
-    dit, vae, text_encoder = (bundle.dit, bundle.vae, bundle.text_encoder) if bundle else \
-        (args.dit, args.vae, args.text_encoder)
+    dit, vae, text_encoder, settings, _ = spec.model_files()
     config, parameters = read_dit_header(dit)
     check_text_embeddings({"--prompt-embeds prompt_embeds": embeds.get("prompt_embeds"),
                            "--prompt-embeds negative_prompt_embeds": embeds.get("negative_prompt_embeds")},
@@ -202,10 +200,10 @@ def cmd_generate(args) -> None:
     _check_device(args.device)
     if not args.bundle and not args.dit:
         raise RefAlignInputError("--dit (or --bundle) is required")
-    loras = tuple(LoraSpec.parse(text) for text in args.lora or ())
+    spec = _pipeline_spec(args, settings)
     named = [(args.dit, "--dit"), (args.vae, "--vae"), (args.text_encoder, "--text-encoder"),
              (args.prompt_embeds, "--prompt-embeds"), (args.reference_latents, "--reference-latents"),
-             *((spec.path, "--lora") for spec in loras), *((path, "--ref") for path in args.ref or ()),
+             *((lora.path, "--lora") for lora in spec.loras), *((path, "--ref") for path in args.ref or ()),
              *((path, "--mask") for path in args.mask or ())]
     for path, option in named:
         _check_input_file(path, option)
@@ -217,7 +215,7 @@ def cmd_generate(args) -> None:
     if bundle:
         inputs += _files(bundle.folder, "--bundle")
     _check_outputs_spare_inputs(outputs, inputs)
-    fps = args.fps if args.fps is not None else bundle.fps if bundle else DEFAULT_FPS
+    fps = spec.model_files()[4]
     if args.out:
         video_rate(fps, args.out, settings.num_frames, "--fps")
     if not args.out and not args.save_latents:
@@ -238,14 +236,14 @@ def cmd_generate(args) -> None:
         embeds["reference_latents"] = latents
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
-    _check_run_fits(args, bundle, settings, embeds)
+    _check_run_fits(args, spec, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
         prepare_references(references, settings.width, settings.height, MAX_REFERENCES)
 
     with contextlib.ExitStack() as stack:
         _hold(stack, outputs)
-        pipe = _load_pipeline(args, loras)
+        pipe = load_pipeline(spec)
         if args.out and pipe.vae is None:
             raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
         preview = _preview_callback(pipe, args.preview) if args.preview else None

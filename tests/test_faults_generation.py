@@ -242,7 +242,7 @@ def test_fault_is_one_clear_error_and_writes_nothing(case, inputs, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     if case.early:  # everything wrong with the command is found before a model is loaded
-        monkeypatch.setattr(cli_module, "_load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+        monkeypatch.setattr(cli_module, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
         monkeypatch.setattr(cli_module, "load_vae", lambda *a, **k: pytest.fail("a VAE was loaded"))
         monkeypatch.setattr(cli_module, "load_text_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
     before_inputs, before_out = snapshot(inputs), snapshot(out)
@@ -257,7 +257,7 @@ def test_fault_is_one_clear_error_and_writes_nothing(case, inputs, tmp_path, cap
 
 def test_a_run_past_free_memory_is_refused_with_the_numbers(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": 1_000_000)
-    monkeypatch.setattr(cli_module, "_load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(cli_module, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     code = cli(["generate", "--bundle", str(TOY), "--prompt", "a disc", "--ref", str(inputs / "ref.png"),
                 "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
@@ -282,7 +282,7 @@ def test_a_second_writer_of_an_output_is_refused_before_any_work(inputs, tmp_pat
     args = ["generate", "--bundle", str(TOY), "--prompt", "a disc", "--ref", str(inputs / "ref.png"), "--steps", "1",
             "--out", str(out)]
     with monkeypatch.context() as patch, OutputLock(out, "--out"):  # the first writer, mid-run
-        patch.setattr(cli_module, "_load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+        patch.setattr(cli_module, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
         assert cli(args) == 2
         err = capsys.readouterr().err
         assert f"--out: {out} is being written by process {os.getpid()}" in err, err

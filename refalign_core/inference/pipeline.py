@@ -1,7 +1,7 @@
 """R2V generation in one place: `generate` runs encode references → sample → decode for any denoiser (our DiT,
-or ComfyUI's native model in `nodes/`) and any VAE codec. `RefAlignPipeline` holds a DiT + (optional) VAE + (optional)
-umT5, from files or a bundle folder; without a VAE or text encoder it still runs from precomputed latents /
-embeddings."""
+or ComfyUI's native model in `nodes/`) and any VAE codec. `load_pipeline(PipelineSpec)` builds a `RefAlignPipeline`
+(a DiT + optional VAE + optional umT5, from files or a bundle folder); without a VAE or text encoder it still runs
+from precomputed latents / embeddings."""
 
 import os
 from dataclasses import dataclass, field
@@ -99,6 +99,64 @@ def generate(denoiser: Denoiser, codec: VideoCodec | None, text, settings: Sampl
     return GenerationResult(latents=latents, frames=frames, references=fitted)
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What `load_pipeline` builds: a bundle folder, or DiT / VAE / text-encoder files, and how they run.
+
+    settings / fps: the generation defaults (None: the bundle's, else the official ones); weight_dtype: storage of
+    the DiT weights (None: compute_dtype); vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to
+    bound decoder memory; loras: applied and fused (`RefAlignPipeline.set_loras` switches them); attention_backend:
+    see `acceleration.py`; compile: regional `torch.compile` of the DiT blocks."""
+
+    bundle: str | os.PathLike | None = None
+    dit: str | os.PathLike | None = None
+    vae: str | os.PathLike | None = None
+    text_encoder: str | os.PathLike | None = None
+    settings: SamplingSettings | None = None
+    fps: float | None = None
+    device: str | torch.device = "cpu"
+    compute_dtype: torch.dtype = torch.float32
+    weight_dtype: torch.dtype | None = None
+    vae_tiling: bool = False
+    loras: tuple[LoraSpec, ...] = ()
+    attention_backend: str = "native"
+    compile: bool = False
+
+    def model_files(self) -> tuple:
+        """(dit, vae, text_encoder, settings, fps) with the bundle's read in: checkable before anything loads."""
+        if self.bundle is not None:
+            given = [name for name in ("dit", "vae", "text_encoder") if getattr(self, name) is not None]
+            if given:
+                raise RefAlignInputError(f"{', '.join(given)}: a bundle folder names its own model files; give the "
+                                         "bundle or the files, not both")
+            bundle = read_bundle(self.bundle)
+            return (bundle.dit, bundle.vae, bundle.text_encoder, self.settings or bundle.settings,
+                    bundle.fps if self.fps is None else self.fps)
+        if self.dit is None:
+            raise RefAlignInputError("dit: required (a DiT .safetensors, or a bundle folder)")
+        return (self.dit, self.vae, self.text_encoder, self.settings or SamplingSettings(),
+                DEFAULT_FPS if self.fps is None else self.fps)
+
+
+def load_pipeline(spec: PipelineSpec) -> "RefAlignPipeline":
+    """The one loader of the core's models, for the CLI, the API and the benchmarks."""
+    dit, vae, text_encoder, settings, fps = spec.model_files()
+    vae_model = load_vae(vae, dtype=spec.compute_dtype, device=spec.device) if vae else None
+    if vae_model is not None and spec.vae_tiling:
+        if not hasattr(vae_model, "enable_tiling"):
+            raise RefAlignInputError(f"vae_tiling: {vae} is a {type(vae_model).__name__}, which has no tiled "
+                                     "decoding (only the Wan2.1 VAE has)")
+        vae_model.enable_tiling()
+    dit_model = load_dit(dit, compute_dtype=spec.compute_dtype, weight_dtype=spec.weight_dtype, device=spec.device)
+    if spec.loras:
+        apply_loras(dit_model, spec.loras)
+    set_attention_backend(dit_model, spec.attention_backend, spec.device)
+    if spec.compile:
+        compile_blocks(dit_model)
+    text = load_text_encoder(text_encoder, dtype=spec.compute_dtype, device=spec.device) if text_encoder else None
+    return RefAlignPipeline(dit=dit_model, vae=vae_model, text_encoder=text, settings=settings, fps=fps)
+
+
 @dataclass
 class RefAlignPipeline:
     dit: torch.nn.Module
@@ -109,38 +167,15 @@ class RefAlignPipeline:
     mag_ratio_memo: dict = field(default_factory=dict, repr=False)  # MagCache calibrations of this pipeline's DiT
 
     @classmethod
-    def from_files(cls, dit, vae=None, text_encoder=None, *, compute_dtype=torch.float32, weight_dtype=None,
-                   device="cpu", vae_tiling=False, settings: SamplingSettings | None = None,
-                   fps: float = DEFAULT_FPS, loras: tuple[LoraSpec, ...] = (), attention_backend: str = "native",
-                   compile: bool = False) -> "RefAlignPipeline":
-        """vae_tiling: decode in overlapping spatial tiles (diffusers' VAE tiling) to bound decoder memory.
-        loras: applied and fused (`set_loras` switches them); attention_backend: see `acceleration.py`;
-        compile: regional `torch.compile` of the DiT blocks."""
-        vae_model = load_vae(vae, dtype=compute_dtype, device=device) if vae else None
-        if vae_model is not None and vae_tiling:
-            if not hasattr(vae_model, "enable_tiling"):
-                raise RefAlignInputError(f"vae_tiling: {vae} is a {type(vae_model).__name__}, which has no tiled "
-                                         "decoding (only the Wan2.1 VAE has)")
-            vae_model.enable_tiling()
-        dit_model = load_dit(dit, compute_dtype=compute_dtype, weight_dtype=weight_dtype, device=device)
-        if loras:
-            apply_loras(dit_model, loras)
-        set_attention_backend(dit_model, attention_backend, device)
-        if compile:
-            compile_blocks(dit_model)
-        return cls(
-            dit=dit_model,
-            vae=vae_model,
-            text_encoder=load_text_encoder(text_encoder, dtype=compute_dtype, device=device) if text_encoder else None,
-            settings=settings or SamplingSettings(), fps=fps,
-        )
+    def from_files(cls, dit, vae=None, text_encoder=None, **options) -> "RefAlignPipeline":
+        """`load_pipeline` on model files; `options`: the other `PipelineSpec` fields."""
+        return load_pipeline(PipelineSpec(dit=dit, vae=vae, text_encoder=text_encoder, **options))
 
     @classmethod
-    def from_bundle(cls, folder: str | os.PathLike, **kwargs) -> "RefAlignPipeline":
-        """A bundle folder (see `bundles.py`): its DiT, VAE, text encoder and generation defaults."""
-        bundle = read_bundle(folder)
-        return cls.from_files(bundle.dit, bundle.vae, bundle.text_encoder, settings=bundle.settings, fps=bundle.fps,
-                              **kwargs)
+    def from_bundle(cls, folder: str | os.PathLike, **options) -> "RefAlignPipeline":
+        """`load_pipeline` on a bundle folder (see `bundles.py`): its DiT, VAE, text encoder and generation
+        defaults; `options`: the other `PipelineSpec` fields."""
+        return load_pipeline(PipelineSpec(bundle=folder, **options))
 
     def set_loras(self, loras: tuple[LoraSpec, ...]) -> None:
         """Replace the applied LoRAs (unfused first); an empty list returns to the base weights."""

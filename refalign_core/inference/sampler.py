@@ -105,7 +105,7 @@ class SamplingSettings:
             set_(name, value)
         frames = _int("num_frames", self.num_frames, 1)
         if not is_frame_count(frames):
-            raise RefAlignInputError(f"length must be 4n+1 frames (1, 5, …, 81), got {frames}")
+            raise RefAlignInputError(f"num_frames must be 4n+1 (1, 5, …, 81), got {frames}")
         set_("num_frames", frames)
         set_("steps", _int("steps", self.steps, 1, MAX_STEPS))
         set_("shift", _float("shift", self.shift, MIN_SHIFT, maximum=MAX_SHIFT))

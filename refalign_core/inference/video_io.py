@@ -31,6 +31,24 @@ def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
     return (frames.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+def checked_frames(frames, what: str) -> torch.Tensor:
+    """Video frames `[T, H, W, 3]` (ComfyUI IMAGE layout) as float in [0, 1]: float in [0, 1] or uint8 in [0, 255] are
+    accepted; anything else is one error naming `what`."""
+    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
+        raise RefAlignInputError(f"{what}: frames must be a tensor [T, H, W, 3], got {shape}")
+    if frames.dtype == torch.uint8:
+        return frames.float() / 255.0
+    if not frames.is_floating_point():
+        raise RefAlignInputError(f"{what}: frames must be float in [0, 1] or uint8 in [0, 255], got {frames.dtype}")
+    if not bool(torch.isfinite(frames).all()):
+        raise RefAlignInputError(f"{what}: the frames have NaN or infinite values")
+    if float(frames.max()) > 1.5:
+        raise RefAlignInputError(f"{what}: float frames must be in [0, 1], got values up to {float(frames.max()):g} "
+                                 f"(0-255 values? pass uint8 or divide by 255)")
+    return frames
+
+
 def video_rate(fps, path: str | os.PathLike, num_frames: int | None = None, what: str = "fps") -> Fraction:
     """`fps` as the exact rate the container of `path` stores: a float by its decimal (23.976 is 2997/125), within the
     32-bit ratios FFmpeg keeps (else the nearest such ratio). Refused, naming `what`, outside what the container
@@ -68,10 +86,7 @@ def write_video(frames: torch.Tensor, path: str | os.PathLike, fps: float | Frac
     """Write `[T, H, W, 3]` frames in [0,1] to .mp4 (H.264, yuv420p), .webp or .gif (animated, lossless webp), at the
     rate `video_rate` says the container stores."""
     path = Path(path)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise RefAlignInputError(f"output video: frames must be [T, H, W, 3], got {tuple(frames.shape)}")
-    if not bool(torch.isfinite(frames).all()):
-        raise RefAlignInputError("output video: the frames have NaN or infinite values (they would be saved black)")
+    frames = checked_frames(frames, "output video")
     rate = video_rate(fps, path, frames.shape[0], "output video: fps")
     suffix = path.suffix.lower()
     data = to_uint8_frames(frames)

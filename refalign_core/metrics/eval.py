@@ -27,8 +27,8 @@ from ..inference.references import MAX_REFERENCES
 from ..inference.video_io import load_image, read_video_frames
 from ..models.vfm import load_vfm
 from ..paths import check_output_folder, inside
-from .identity import IdentitySettings, check_identity
-from .identity_sheet import contact_sheet
+from .identity import IdentitySettings
+from .identity_sheet import evaluate
 
 COLUMNS = ["id", "status", "subjects", "identity_mean", "identity_min", "global_mean", "confusion_flags",
            "copy_paste", "face_similarity", "motion_amplitude", "error"]
@@ -102,12 +102,12 @@ def evaluate_case(case: dict, videos: Path, embedder, settings, backbone: str, f
         frames = read_video_frames(video)
     except (OSError, ValueError) as e:  # PyAV raises OSError subclasses for missing / corrupt files
         raise RefAlignInputError(f"video {video} cannot be read: {e}") from e
-    report = check_identity(refs, frames, embedder, masks=masks, names=case.get("names"), settings=settings,
-                            backbone_name=backbone, face_embedder=face_embedder)
+    report, picture = evaluate(refs, frames, embedder, masks=masks, names=case.get("names"), settings=settings,
+                               backbone_name=backbone, face_embedder=face_embedder)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     (out / "sheets").mkdir(parents=True, exist_ok=True)
     sheet = io.BytesIO()
-    contact_sheet(report, refs, frames).save(sheet, format="PNG")
+    picture.save(sheet, format="PNG")
     case_report = write_atomic(out / "cases" / f"{case['id']}.json", json.dumps(
         {"id": case["id"], "prompt": case.get("prompt"), "video": str(video), **report.to_dict()}, indent=1))
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import RefAlignInputError
 from ..inference.references import as_references, fit_on_white, to_chw
-from ..inference.video_io import to_uint8_frames
+from ..inference.video_io import checked_frames, to_uint8_frames
 
 
 @dataclass
@@ -228,19 +228,7 @@ def _checked_inputs(references, frames, masks, names):
         names = [record.name or f"subject {i + 1}" for i, record in enumerate(records)]
     if not references:
         raise RefAlignInputError("identity check: at least one reference image is needed")
-    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        shape = tuple(frames.shape) if hasattr(frames, "shape") else type(frames).__name__
-        raise RefAlignInputError(f"identity check: frames must be a tensor [T, H, W, 3], got {shape}")
-    if frames.dtype == torch.uint8:
-        frames = frames.float() / 255.0
-    elif not frames.is_floating_point():
-        raise RefAlignInputError(f"identity check: frames must be float in [0, 1] or uint8 in [0, 255], got "
-                                 f"{frames.dtype}")
-    if not bool(torch.isfinite(frames).all()):
-        raise RefAlignInputError("identity check: the frames have NaN or infinite values")
-    if float(frames.max()) > 1.5:
-        raise RefAlignInputError(f"identity check: float frames must be in [0, 1], got values up to "
-                                 f"{float(frames.max()):g} (0-255 values? pass uint8 or divide by 255)")
+    frames = checked_frames(frames, "identity check")
     for what, value in (("names", names), ("masks", masks)):
         if isinstance(value, str):
             raise RefAlignInputError(f"identity check: {what} must be a list, one entry per reference, not the "

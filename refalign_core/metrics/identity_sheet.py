@@ -1,5 +1,5 @@
 """The identity report as a picture: references, sampled frames with each subject's best region, per-subject heat
-maps of token similarity, and the scores / flags."""
+maps of token similarity, and the scores / flags. `evaluate` gives the report and its picture in one call."""
 
 import numpy as np
 import torch
@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..inference.references import fit_on_white
 from ..inference.video_io import to_uint8_frames
-from .identity import IdentityReport
+from .identity import IdentityReport, check_identity
 
 COLOURS = [(230, 60, 60), (60, 120, 240), (40, 180, 90), (240, 180, 30), (170, 80, 200), (30, 190, 200)]
 THUMB = 150
@@ -71,3 +71,10 @@ def contact_sheet(report: IdentityReport, references, frames: torch.Tensor, colu
         draw.text((6, y), line, fill=(180, 0, 0) if "!" in line or "COPY" in line else (0, 0, 0), font=font)
         y += 14
     return sheet
+
+
+def evaluate(references, frames: torch.Tensor, embedder, **options) -> tuple[IdentityReport, Image.Image]:
+    """`check_identity(references, frames, embedder, **options)` and its contact sheet: (report, sheet).
+    references: images (the sheet shows them as given; masks go in `options`)."""
+    report = check_identity(references, frames, embedder, **options)
+    return report, contact_sheet(report, references, frames)

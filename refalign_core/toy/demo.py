@@ -71,7 +71,7 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of them.
     Returns the written paths."""
     from ..metrics.identity import IdentitySettings, check_identity
-    from ..metrics.identity_sheet import contact_sheet
+    from ..metrics.identity_sheet import evaluate
     from ..models.vfm import load_vfm
 
     out = Path(out)
@@ -84,8 +84,8 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
     verdict = judge(result.frames, subjects, names) if judge else None
     vfm = load_vfm()
     settings = IdentitySettings(sample_frames=len(result.frames))
-    report = check_identity(references, result.frames, vfm, names=names, settings=settings,
-                            backbone_name="efficientnet-lite0")
+    report, sheet = evaluate(references, result.frames, vfm, names=names, settings=settings,
+                             backbone_name="efficientnet-lite0")
     ceiling = judge_ceiling = None
     if tuple(result.frames.shape[1:3]) == (SIZE, SIZE):  # the world renders the case at its own size
         truth = render_clip(list(DEMO_TRACKS), BACKGROUND, result.frames.shape[0], SIZE)
@@ -120,7 +120,7 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
             summary["judge_ceiling"] = {s.name: s.accuracy for s in judge_ceiling.subjects}
         staged["identity_json"].write_text(json.dumps(summary, indent=1))
         staged["identity_report"].write_text(text + "\n")
-        contact_sheet(report, references, result.frames).save(staged["contact_sheet"])
+        sheet.save(staged["contact_sheet"])
         frame_strip(references, result.frames).save(staged["frame_strip"])
         paths = {}
         for name, path in staged.items():

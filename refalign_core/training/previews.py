@@ -24,7 +24,7 @@ import torch
 
 from ..errors import RefAlignInputError
 from ..inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
-from ..inference.sampler import SamplingSettings, sample_r2v
+from ..inference.sampler import SamplingSettings
 from ..inference.video_io import load_image, write_video
 from ..models.safetensors_io import read_safetensors, write_safetensors
 from ..models.text_encoder import encode_prompts
@@ -139,29 +139,30 @@ class Previews:
 
     @torch.no_grad()
     def run(self, step: int, dit, autocast=None) -> list[dict]:
-        from ..metrics.identity import IdentitySettings, check_identity
-        from ..metrics.identity_sheet import contact_sheet
-        from ..inference.pipeline import VAECodec
+        from ..metrics.identity import IdentitySettings
+        from ..metrics.identity_sheet import evaluate
+        from ..inference.pipeline import DiTDenoiser, VAECodec, generate
 
         was_training = dit.training
         dit.eval()
         results = []
         try:
             for i, p in enumerate(self.prompts):
+                text = (self.inputs[f"{i}.prompt"], self.inputs[f"{i}.negative"])
                 with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-                    latents = sample_r2v(dit, self.inputs[f"{i}.prompt"], self.inputs[f"{i}.negative"],
-                                         self.inputs[f"{i}.references"], p.settings)
+                    latents = generate(DiTDenoiser(dit), None, text, p.settings,
+                                       reference_latents=self.inputs[f"{i}.references"]).latents
                 if not self.main:
                     continue
-                frames = VAECodec(self.encoders.vae).decode(latents.float())
+                frames = VAECodec(self.encoders.vae).decode(latents)
                 out = self.folder / f"step-{step:06d}"
                 out.mkdir(parents=True, exist_ok=True)
                 write_video(frames, out / f"preview-{i}.mp4", fps=16)
                 images = [r.image for r in p.references]
                 names = [r.name for r in p.references]
-                report = check_identity(images, frames, self.encoders.vfm, masks=[r.mask for r in p.references],
-                                        names=names, settings=IdentitySettings(sample_frames=min(32, len(frames))))
-                contact_sheet(report, images, frames).save(out / f"preview-{i}-identity.png")
+                report, sheet = evaluate(images, frames, self.encoders.vfm, masks=[r.mask for r in p.references],
+                                         names=names, settings=IdentitySettings(sample_frames=min(32, len(frames))))
+                sheet.save(out / f"preview-{i}-identity.png")
                 (out / f"preview-{i}.json").write_text(json.dumps({"prompt": p.prompt, **report.to_dict()}, indent=1))
                 scores = {s.name: s.mean for s in report.subjects}
                 results.append({"prompt": i, "scores": scores})
