@@ -54,8 +54,8 @@ class RefAlignSubjectConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, positive, negative, vae, references, width, height, length, batch_size,
+    def execute(cls, positive, negative, vae, references, width, height, num_frames, batch_size,
                 uncond_references) -> io.NodeOutput:
-        settings = SamplingSettings(width=width, height=height, num_frames=length,
+        settings = SamplingSettings(width=width, height=height, num_frames=num_frames,
                                     uncond_references=uncond_references)  # validates the sizes
         return io.NodeOutput(*reference_conditionings(positive, negative, vae, references, settings, batch_size))

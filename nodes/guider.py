@@ -4,17 +4,17 @@ scheduler), on the conditionings from RefAlign Subject Conditioning. Mechanism: 
 from comfy_api.latest import io
 
 from .native import guider_class
-from .sampler import check_model_and_text, guidance_inputs, patched_model_input, three_pass_steps_input
+from .sampler import check_model_and_text, guidance_inputs, patched_model_input, guidance_steps_input
 
 
-def refalign_guider(model, positive, negative_text, negative_img_text, image_guidance: float, text_guidance: float,
-                    three_pass_steps: int | None):
-    """The GUIDER (`native.guider_class`) on checked inputs; three_pass_steps None: three passes on every step."""
+def refalign_guider(model, positive, negative_text, negative_img_text, image_scale: float, text_scale: float,
+                    guidance_steps: int | None):
+    """The GUIDER (`native.guider_class`) on checked inputs; guidance_steps None: three passes on every step."""
     check_model_and_text(model, positive=positive, negative_text=negative_text, negative_img_text=negative_img_text)
     guider = guider_class()(model)
     guider.set_conds(positive, negative_text, negative_img_text)
-    guider.set_scales(image_guidance, text_guidance)
-    guider.set_three_pass_steps(three_pass_steps)
+    guider.set_scales(image_scale, text_scale)
+    guider.set_guidance_steps(guidance_steps)
     return guider
 
 
@@ -25,7 +25,7 @@ class RefAlignGuider(io.ComfyNode):
             node_id="RefAlignGuider", display_name="RefAlign Guider", category="RefAlign",
             description="RefAlign's three-pass guidance, v = u + s_img·(c_img − u) + s_txt·(c_txt − c_img), for "
                         "SamplerCustomAdvanced: connect the three conditionings of RefAlign Subject Conditioning and "
-                        "a MODEL with the RefAlign patch. Passes with weight 0 are skipped; three_pass_steps ends the "
+                        "a MODEL with the RefAlign patch. Passes with weight 0 are skipped; guidance_steps ends the "
                         "reference passes early (step-distill LoRAs).",
             inputs=[
                 patched_model_input(),
@@ -33,14 +33,14 @@ class RefAlignGuider(io.ComfyNode):
                 io.Conditioning.Input("negative_text", tooltip="Negative prompt + references (c_img)."),
                 io.Conditioning.Input("negative_img_text", tooltip="Negative prompt + zeroed references (u)."),
                 *guidance_inputs(),
-                three_pass_steps_input("-1: three passes on every step. n: on the first n steps of the sigmas, then "
+                guidance_steps_input("-1: three passes on every step. n: on the first n steps of the sigmas, then "
                                        "the prompt pass alone."),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="The guider for SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative_text, negative_img_text, image_guidance, text_guidance,
-                three_pass_steps=-1) -> io.NodeOutput:
-        return io.NodeOutput(refalign_guider(model, positive, negative_text, negative_img_text, image_guidance,
-                                             text_guidance, None if three_pass_steps < 0 else three_pass_steps))
+    def execute(cls, model, positive, negative_text, negative_img_text, image_scale, text_scale,
+                guidance_steps=-1) -> io.NodeOutput:
+        return io.NodeOutput(refalign_guider(model, positive, negative_text, negative_img_text, image_scale,
+                                             text_scale, None if guidance_steps < 0 else guidance_steps))

@@ -155,21 +155,21 @@ def guider_class():
             self.inner_set_conds({"positive": positive, "negative_text": negative_text,
                                   "negative": negative_img_text})
 
-        three_pass_steps = None  # three passes on every step
+        guidance_steps = None  # three passes on every step
         one_pass_below = None
 
         def set_scales(self, image_scale: float, text_scale: float):
             self.weights = {three: dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale, three)))
                             for three in (True, False)}
 
-        def set_three_pass_steps(self, steps: int | None):
+        def set_guidance_steps(self, steps: int | None):
             """Three passes on the first `steps` steps of whatever sigmas `sample` gets, then c_txt alone (None:
             always three passes)."""
-            self.three_pass_steps = steps
+            self.guidance_steps = steps
 
         def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
             # the step count as a sigma threshold: the model is evaluated at every sigma but the last (0)
-            self.one_pass_below = one_pass_below(self.three_pass_steps, sigmas[:-1])
+            self.one_pass_below = one_pass_below(self.guidance_steps, sigmas[:-1])
             return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -224,7 +224,7 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     guider = guider_class()(model)
     guider.set_conds(positive, negative_text, negative_img_text)
     guider.set_scales(settings.image_scale, settings.text_scale)
-    guider.set_three_pass_steps(settings.guidance_steps)
+    guider.set_guidance_steps(settings.guidance_steps)
     noise = initial_noise(tuple(latent.shape), settings.seed)
     callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
     samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,

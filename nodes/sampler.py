@@ -27,14 +27,14 @@ def video_size_inputs() -> list:
                          tooltip=f"Video width, a multiple of {SIZE_MULTIPLE}."),
             io.Int.Input("height", default=DEFAULTS.height, min=SIZE_MULTIPLE, max=MAX_RESOLUTION, step=SIZE_MULTIPLE,
                          tooltip=f"Video height, a multiple of {SIZE_MULTIPLE}."),
-            io.Int.Input("length", default=DEFAULTS.num_frames, min=1, max=1025, step=FRAMES_PER_LATENT,
+            io.Int.Input("num_frames", default=DEFAULTS.num_frames, min=1, max=1025, step=FRAMES_PER_LATENT,
                          tooltip="Number of frames, 4n+1 (81 = 5 s at 16 fps).")]
 
 
 def guidance_inputs() -> list:
-    return [io.Float.Input("image_guidance", default=DEFAULTS.image_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
+    return [io.Float.Input("image_scale", default=DEFAULTS.image_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
                            tooltip=f"s_img: pull towards the references (official {DEFAULTS.image_scale})."),
-            io.Float.Input("text_guidance", default=DEFAULTS.text_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
+            io.Float.Input("text_scale", default=DEFAULTS.text_scale, min=0.0, max=MAX_GUIDANCE_SCALE, step=0.1,
                            tooltip=f"s_txt: pull towards the prompt (official {DEFAULTS.text_scale}).")]
 
 
@@ -44,8 +44,8 @@ def uncond_references_input():
                                   "(as in training).")
 
 
-def three_pass_steps_input(tooltip: str):
-    return io.Int.Input("three_pass_steps", default=-1, min=-1, max=MAX_STEPS, optional=True, tooltip=tooltip)
+def guidance_steps_input(tooltip: str):
+    return io.Int.Input("guidance_steps", default=-1, min=-1, max=MAX_STEPS, optional=True, tooltip=tooltip)
 
 
 def check_model_and_text(model, **conditionings) -> None:
@@ -110,7 +110,7 @@ class RefAlignR2VSampler(io.ComfyNode):
                 io.Combo.Input("sampler", options=list(SAMPLERS), default=DEFAULTS.sampler,
                                tooltip="euler (official) or unipc."),
                 uncond_references_input(),
-                three_pass_steps_input("-1: three-pass guidance on every step. n: on the first n steps, then the "
+                guidance_steps_input("-1: three-pass guidance on every step. n: on the first n steps, then the "
                                        "prompt pass alone (for step-distill LoRAs such as lightx2v: e.g. 4 steps, "
                                        "shift 5, n = 1)."),
                 io.Boolean.Input("previews", default=True, optional=True,
@@ -125,11 +125,11 @@ class RefAlignR2VSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, vae, references, width, height, length, steps, shift,
-                image_guidance, text_guidance, seed, sampler, uncond_references, three_pass_steps=-1,
+    def execute(cls, model, positive, negative, vae, references, width, height, num_frames, steps, shift,
+                image_scale, text_scale, seed, sampler, uncond_references, guidance_steps=-1,
                 previews=True) -> io.NodeOutput:
-        settings = SamplingSettings(width=width, height=height, num_frames=length, steps=steps, shift=shift,
-                                    image_scale=image_guidance, text_scale=text_guidance, sampler=sampler,
+        settings = SamplingSettings(width=width, height=height, num_frames=num_frames, steps=steps, shift=shift,
+                                    image_scale=image_scale, text_scale=text_scale, sampler=sampler,
                                     seed=seed, uncond_references=uncond_references,
-                                    guidance_steps=None if three_pass_steps < 0 else min(three_pass_steps, steps))
+                                    guidance_steps=None if guidance_steps < 0 else min(guidance_steps, steps))
         return io.NodeOutput(*sample_video(model, positive, negative, vae, references, settings, previews))

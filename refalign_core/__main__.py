@@ -110,6 +110,18 @@ def _hold(stack: contextlib.ExitStack, outputs: list[tuple[str | None, str]]) ->
             stack.enter_context(OutputLock(path, option))
 
 
+class _Renamed(argparse.Action):
+    """An option renamed in 0.2: still read, with a warning naming the new one, until 0.3."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed in 0.3: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _fps(text: str) -> Fraction:
     """--fps exactly as given: a decimal (23.976) or a ratio (24000/1001)."""
     try:
@@ -164,13 +176,11 @@ def _tensors(path: str, option: str, key: str) -> dict[str, torch.Tensor]:
 
 def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     """The bundle's (or the official) defaults with the command line's changes, validated before any model loads."""
-    options = {k: getattr(args, k) for k in ("width", "height", "steps", "shift", "image_scale", "text_scale",
-                                             "sampler", "seed", "uncond_references", "guidance_steps", "cache",
-                                             "cache_threshold", "cache_interval") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("width", "height", "num_frames", "steps", "shift", "image_scale",
+                                             "text_scale", "sampler", "seed", "uncond_references", "guidance_steps",
+                                             "cache", "cache_threshold", "cache_interval") if getattr(args, k) is not None}
     if args.text_kv_cache:
         options["text_kv_cache"] = True
-    if args.frames is not None:
-        options["num_frames"] = args.frames
     base = bundle.settings if bundle else SamplingSettings()
     return base.replace(source="command line", **options)
 
@@ -321,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference-latents", help=".safetensors with reference_latents [1,16,K,H/8,W/8]")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
-    g.add_argument("--frames", type=int, help="video length, 4n+1")
+    g.add_argument("--num-frames", type=int, help="video length, 4n+1")
+    g.add_argument("--frames", type=int, dest="num_frames", action=_Renamed, new="--num-frames",
+                   help=argparse.SUPPRESS)
     g.add_argument("--steps", type=int)
     g.add_argument("--shift", type=float)
     g.add_argument("--image-scale", type=float, help="s_img (default 5.0)")

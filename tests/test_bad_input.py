@@ -126,7 +126,7 @@ CASES = [
     Case("width 0", generate("--width", "0"), 2, "width"),
     Case("width negative", generate("--width", "-16"), 2, "width"),
     Case("width not a multiple of 16", generate("--width", "100"), 2, "multiples of 16"),
-    Case("frames not 4n+1", generate("--frames", "6"), 2, "4n+1"),
+    Case("frames not 4n+1", generate("--num-frames", "6"), 2, "4n+1"),
     Case("steps 0", generate("--steps", "0"), 2, "steps"),
     Case("shift nan", generate("--shift", "nan"), 2, "shift"),
     Case("shift 0", generate("--shift", "0"), 2, "shift"),

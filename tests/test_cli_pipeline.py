@@ -60,7 +60,7 @@ def test_cli_generate_writes_a_playable_video(bundle, ref_images, tmp_path):
     out = tmp_path / "video.mp4"
     args = ["generate", "--dit", str(bundle / "dit.safetensors"), "--vae", str(bundle / "vae.safetensors"),
             "--text-encoder", str(bundle / "text_encoder"), "--ref", ref_images[0], "--ref", ref_images[1],
-            "--prompt", "a red ball and a blue box", "--width", "48", "--height", "32", "--frames", "9",
+            "--prompt", "a red ball and a blue box", "--width", "48", "--height", "32", "--num-frames", "9",
             "--steps", "2", "--out", str(out), "--save-latents", str(tmp_path / "lat.safetensors")]
     assert main(args) == 0
     frames = read_video_frames(out)
@@ -69,7 +69,7 @@ def test_cli_generate_writes_a_playable_video(bundle, ref_images, tmp_path):
 
 
 def test_cli_generate_from_precomputed_embeddings_matches_direct_run(bundle, ref_images, tmp_path):
-    common = ["--width", "48", "--height", "32", "--frames", "5", "--steps", "2", "--seed", "5"]
+    common = ["--width", "48", "--height", "32", "--num-frames", "5", "--steps", "2", "--seed", "5"]
     assert main(["encode-prompt", "--text-encoder", str(bundle / "text_encoder"), "--prompt", "a red ball",
                  "--out", str(tmp_path / "p.safetensors")]) == 0
     assert main(["encode-references", "--vae", str(bundle / "vae.safetensors"), "--ref", ref_images[0],
@@ -85,7 +85,7 @@ def test_cli_generate_from_precomputed_embeddings_matches_direct_run(bundle, ref
 
 
 def test_cli_reports_bad_input_as_one_clear_error(bundle, ref_images, tmp_path, capsys):
-    code = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", ref_images[0], "--frames", "8",
+    code = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", ref_images[0], "--num-frames", "8",
                  "--out", str(tmp_path / "v.mp4")])
     assert code == 2
     assert "4n+1" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from refalign_core.files import OutputLock, write_atomic
 from refalign_core.inference.video_io import load_image, write_video
 from test_bad_input import TOY, Case, check_clear_error, command, generate
 
-SMALL = ["--width", "64", "--height", "64", "--frames", "5", "--steps", "2"]
+SMALL = ["--width", "64", "--height", "64", "--num-frames", "5", "--steps", "2"]
 
 
 @dataclass
@@ -155,7 +155,7 @@ CASES = [
     Fault("VAE decoder weight NaN", command("generate", *files("--vae", "{i}/nan_decoder_vae.safetensors"),
                                             "--prompt-embeds", "{i}/prompt.safetensors", "--reference-latents",
                                             "{i}/ref_latents.safetensors", "--width", "128", "--height", "128",
-                                            "--frames", "5", "--steps", "1", "--out", "{o}/v.mp4"), 2,
+                                            "--num-frames", "5", "--steps", "1", "--out", "{o}/v.mp4"), 2,
           "VAE: decoding gave NaN or infinite values; its weight decoder.0.weight"),
     Fault("LoRA weight NaN", generate("--lora", "{i}/nan_lora.safetensors"), 2, "nan_lora.safetensors"),
     Fault("video frames NaN (API)", api(lambda i, o: write_video(torch.full((2, 16, 16, 3), float("nan")),
@@ -165,9 +165,9 @@ CASES = [
     Fault("LoRA strength past the bound (API)", api(lambda i, o: LoraSpec("x.safetensors", 1e308)),
           RefAlignInputError, "x.safetensors"),
     # 2. upper bounds, before any work
-    Fault("frames past the RoPE positions", generate("--frames", "40001"), 2, "rope_max_seq_len", early=True),
+    Fault("frames past the RoPE positions", generate("--num-frames", "40001"), 2, "rope_max_seq_len", early=True),
     Fault("width past the RoPE positions", generate("--width", "65536"), 2, "width 65536", early=True),
-    Fault("16384x16384x81 past the free memory", generate("--width", "16384", "--height", "16384", "--frames", "81"),
+    Fault("16384x16384x81 past the free memory", generate("--width", "16384", "--height", "16384", "--num-frames", "81"),
           2, "GB of host memory", early=True),
     Fault("shift 1e-300", generate("--shift", "1e-300"), 2, "shift", early=True),
     Fault("shift 1e12", generate("--shift", "1e12"), 2, "shift", early=True),
@@ -195,7 +195,7 @@ CASES = [
     Fault("fps 0.001 in a gif", generate("--fps", "0.001", "--out", "{o}/v.gif"), 2, "--fps", early=True),
     Fault("fps 200 in a gif", generate("--fps", "200", "--out", "{o}/v.gif"), 2, "--fps", early=True),
     Fault("fps too slow for an mp4", generate("--fps", "0.00001"), 2, "--fps", early=True),
-    Fault("webp past 2^31 ms", generate("--fps", "0.0000597", "--frames", "129", "--out", "{o}/v.webp"), 2,
+    Fault("webp past 2^31 ms", generate("--fps", "0.0000597", "--num-frames", "129", "--out", "{o}/v.webp"), 2,
           "--fps", early=True),
     Fault("fps a ratio over zero", generate("--fps", "1/0"), 2, "--fps", early=True),
     # 6. an output folder that cannot be created
@@ -269,7 +269,7 @@ def test_refusing_a_16384_cube_allocates_nothing(inputs, tmp_path):
     script = ("import resource, sys; from refalign_core.__main__ import main; code = main(sys.argv[1:]); "
               "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", script, "generate", "--bundle", str(TOY), "--prompt", "a disc",
-                             "--ref", str(inputs / "ref.png"), "--width", "16384", "--height", "16384", "--frames",
+                             "--ref", str(inputs / "ref.png"), "--width", "16384", "--height", "16384", "--num-frames",
                              "81", "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=120)
     code, peak_kb = result.stdout.split()
     assert code == "2" and "GB of host memory" in result.stderr, result.stderr

@@ -80,3 +80,14 @@ def test_old_entry_points_forward_with_a_warning():
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0 and "usage: python -m refalign_core eval" in result.stdout
     assert "DeprecationWarning: python -m refalign_core.eval is deprecated" in result.stderr
+
+
+def test_renamed_cli_option_is_still_read_with_a_warning(capsys, tmp_path):
+    from refalign_core.__main__ import main
+
+    bundle = CORE / "toy" / "models" / "refalign_toy"
+    code = main(["generate", "--bundle", str(bundle), "--prompt", "a", "--ref", "x.png", "--frames", "6",
+                 "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--frames is deprecated and will be removed in 0.3: use --num-frames" in err
+    assert "num_frames must be 4n+1" in err  # the value reached the setting

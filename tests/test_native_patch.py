@@ -351,13 +351,13 @@ def test_subject_conditioning_warns_above_three_references_and_refuses_bad_sizes
     four = _subjects(pack, [torch.rand(1, 32, 32, 3) for _ in range(4)])
     out = node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 17, 1, "zeros_per_reference").result
     assert out[0][0][1]["time_dim_concat"].shape[2] == 4 and "trained with at most 3" in caplog.text
-    with pytest.raises(pack.nodes.native.RefAlignInputError, match="length"):
+    with pytest.raises(pack.nodes.native.RefAlignInputError, match="num_frames"):
         node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")
 
 
-@pytest.mark.parametrize("three_pass_steps,passes", [(None, [3, 3, 3, 3]), (2, [3, 3, 1, 1]), (0, [1, 1, 1, 1]),
+@pytest.mark.parametrize("guidance_steps,passes", [(None, [3, 3, 3, 3]), (2, [3, 3, 1, 1]), (0, [1, 1, 1, 1]),
                                                      (9, [3, 3, 3, 3])])
-def test_guider_runs_three_passes_on_the_first_three_pass_steps_of_its_sigmas(native, monkeypatch, three_pass_steps,
+def test_guider_runs_three_passes_on_the_first_guidance_steps_of_its_sigmas(native, monkeypatch, guidance_steps,
                                                                               passes):
     """The RefAlign Guider turns a step count into the core's sigma threshold (`one_pass_below`) for whatever sigmas
     SamplerCustomAdvanced gives it; after it only c_txt runs."""
@@ -382,7 +382,7 @@ def test_guider_runs_three_passes_on_the_first_three_pass_steps_of_its_sigmas(na
     guider = native.guider_class()(None)
     guider.set_conds([], [], [])
     guider.set_scales(5.0, 7.5)
-    guider.set_three_pass_steps(three_pass_steps)
+    guider.set_guidance_steps(guidance_steps)
     out = guider.sample(None, torch.ones(1), None, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.0]))
     assert calls == passes
     assert all(torch.allclose(x, torch.ones(1)) for x in out)  # the weights sum to 1 in both modes

@@ -138,7 +138,7 @@ def fake_model(patched=True, text_dim=64, in_dim=16):
         get_wrappers=lambda kind, key: [object()] if patched and key == PATCH_KEY else [])
 
 
-SMALL = dict(width=64, height=64, length=5, steps=2, shift=5.0, image_guidance=5.0, text_guidance=7.5, seed=3,
+SMALL = dict(width=64, height=64, num_frames=5, steps=2, shift=5.0, image_scale=5.0, text_scale=7.5, seed=3,
              sampler="euler", uncond_references="zeros_per_reference")
 
 
@@ -149,7 +149,7 @@ SMALL = dict(width=64, height=64, length=5, steps=2, shift=5.0, image_guidance=5
     (dict(negative=[]), "negative: .* got nothing"),
     (dict(vae=None), "vae: no VAE"),
     (dict(vae=types.SimpleNamespace(latent_channels=48)), "48 latent channels"),
-    (dict(length=8), "4n\\+1"),
+    (dict(num_frames=8), "4n\\+1"),
     (dict(width=72), "multiples of 16"),
 ])
 def test_sampler_refuses_bad_input_before_any_work(comfy, change, match):
@@ -249,8 +249,8 @@ def test_sampler_widgets_offer_only_what_the_core_accepts(comfy):
     from refalign_core.errors import RefAlignInputError
     from refalign_core.inference.sampler import SamplingSettings
     pack, _, _ = comfy
-    fields = {"width": "width", "height": "height", "length": "num_frames", "steps": "steps", "shift": "shift",
-              "image_guidance": "image_scale", "text_guidance": "text_scale", "seed": "seed", "sampler": "sampler",
+    fields = {"width": "width", "height": "height", "num_frames": "num_frames", "steps": "steps", "shift": "shift",
+              "image_scale": "image_scale", "text_scale": "text_scale", "seed": "seed", "sampler": "sampler",
               "uncond_references": "uncond_references"}
     inputs = {i.id: i for i in pack_nodes(pack)["RefAlignR2VSampler"].GET_SCHEMA().inputs if i.id in fields}
     assert set(inputs) == set(fields)

@@ -145,7 +145,7 @@ def test_cli_reaches_every_speed_option(tmp_path, monkeypatch):
     monkeypatch.setattr("refalign_core.inference.pipeline.apply_loras", lambda dit, loras: applied.extend(loras))
     monkeypatch.setattr("refalign_core.inference.pipeline.compile_blocks", lambda dit: applied.append("compiled"))
     code = cli.main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", str(tmp_path / "ref.png"),
-                     "--width", "32", "--height", "32", "--frames", "5", "--steps", "4", "--guidance-steps", "1",
+                     "--width", "32", "--height", "32", "--num-frames", "5", "--steps", "4", "--guidance-steps", "1",
                      "--cache", "first_block", "--cache-threshold", "0.2", "--text-kv-cache",
                      "--lora", f"{tmp_path / 'a.safetensors'}:0.5", "--lora", str(tmp_path / "b.safetensors"),
                      "--attention-backend", "flash",
