@@ -15,3 +15,11 @@ def vae():
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory):
     return write_tiny_text_encoder(tmp_path_factory.mktemp("umt5"))
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory):
+    """The bad-input tables' shared input files (`bad_input.make_inputs`), made once."""
+    from bad_input import make_inputs
+
+    return make_inputs(tmp_path_factory.mktemp("bad_inputs"))

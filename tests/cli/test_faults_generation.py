@@ -38,7 +38,7 @@ from tiny_models import tiny_dit
 from refalign_core.models.vae import load_vae
 from refalign_core.files import OutputLock, write_atomic
 from refalign_core.inference.video_io import load_image, write_video
-from test_bad_input import TOY, Case, check_clear_error, command, generate
+from bad_input import TOY, Case, check_clear_error, command, generate
 
 SMALL = ["--width", "64", "--height", "64", "--num-frames", "5", "--steps", "2"]
 

@@ -12,7 +12,7 @@ from refalign_core.inference.pipeline import RefAlignPipeline
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SCALE = 0.002  # every step / clip count of the recipe times this (at least 2)
 
 

@@ -11,7 +11,7 @@ import pytest
 from refalign_core import registry
 from refalign_core.errors import RefAlignInputError
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CORE = ROOT / "refalign_core"
 
 

@@ -12,7 +12,7 @@ from refalign_core.errors import RefAlignInputError
 
 from helpers import video_inputs
 
-CONFIGS = Path(__file__).parents[1] / "refalign_core" / "models" / "configs"
+CONFIGS = Path(__file__).parents[2] / "refalign_core" / "models" / "configs"
 
 
 def same_weights(a, b):

@@ -15,7 +15,7 @@ from refalign_core.inference.bundles import BUNDLE_FILE
 from refalign_core.inference.pipeline import RefAlignPipeline
 from refalign_core.inference.video_io import read_video_frames
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from pack import load_pack, pack_nodes
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 from workflow_tools import CORE_NODES, object_info_signatures, schema_signatures, to_api_prompt, validate  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_real_model_workflows_name_their_model_files(signatures):
 
 
 def test_validator_catches_broken_workflows(signatures):
-    workflow = json.loads((Path(__file__).parents[1] / "workflows" / "refalign_toy_demo.json").read_text())
+    workflow = json.loads((Path(__file__).parents[2] / "workflows" / "refalign_toy_demo.json").read_text())
     sampler = next(n for n in workflow["nodes"] if n["type"] == "RefAlignR2VSampler")
 
     def broken(mutate):

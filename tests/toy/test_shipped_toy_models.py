@@ -23,7 +23,7 @@ from refalign_core.toy import EMBEDDED, MODELS_FOLDER as EMBEDDED_FOLDER
 
 EMBEDDED_MODEL, EMBEDDED_BASELINE = list(EMBEDDED)
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 RECORD = json.loads((SHIPPED_BUNDLE / "recipe.json").read_text())
 
 

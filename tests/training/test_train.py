@@ -3,16 +3,12 @@
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from refalign_core.models.checkpoint import dit_from_state_dict, dit_state_dict_original, load_dit
@@ -21,54 +17,13 @@ from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui
-
-ROOT = Path(__file__).parents[1]
-TRAIN = [sys.executable, str(ROOT / "train" / "train.py")]
-TINY = ROOT / "train" / "configs" / "tiny.yaml"
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
+from train_runs import ENV, ROOT, TINY, TRAIN, accelerate_fsdp, config, run, same_files, torchrun
 
 def initial_dit():
     """The DiT tiny.yaml starts from (random weights, the config's seed)."""
     config = load_training_config(TINY)
     return tiny_dit(config.seed, **config.model.dit_config)
 
-
-def run(args, expect=0, launcher=(), **kwargs):
-    command = list(launcher) + (TRAIN if not launcher else TRAIN[1:]) + [str(a) for a in args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600, **kwargs)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def torchrun(port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-
-
-def accelerate_fsdp(port):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "train" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-            "--main_process_port", str(port)]
-
-
-def config(tmp_path, toy, name="cfg.yaml", **sections):
-    """tiny.yaml on the shared toy data and cache, with `sections` merged in."""
-    cfg = yaml.safe_load(TINY.read_text())
-    cfg["model"].update({key: str(ROOT / cfg["model"][key]) for key in ("vae", "text_encoder")})  # any working folder
-    cfg["data"].update(datasets=[{"path": str(toy["manifest"])}], cache_dir=str(toy["cache"]))
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def same_files(a: Path, b: Path) -> bool:
-    x, y = load_file(a), load_file(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +117,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data, ema_decay):
 
 def test_killed_at_random_moments_it_always_resumes_bit_exactly(tmp_path, data):
     """SIGKILL three times at random moments (start-up, caching the index, training, writing a checkpoint), resume
-    each time; the last resume ends where an uninterrupted run does (tests/test_faults_training.py kills at each
+    each time; the last resume ends where an uninterrupted run does (tests/training/test_faults_training.py kills at each
     marker's exact rename)."""
     import random
     import time

@@ -13,7 +13,7 @@ from refalign_core.models.checkpoint import dit_state_dict_original
 from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
 
-TOOL = Path(__file__).parents[1] / "tools" / "comfyui_parity.py"
+TOOL = Path(__file__).parents[2] / "tools" / "comfyui_parity.py"
 
 
 def load_tool():

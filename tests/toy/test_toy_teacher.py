@@ -10,7 +10,7 @@ from refalign_core.errors import RefAlignInputError
 from refalign_core.models.safetensors_io import write_safetensors
 from refalign_core.models.vfm import ConvTokenVFM, load_vfm
 
-TEACHER = Path(__file__).parents[1] / "refalign_core" / "toy" / "models" / "teacher.safetensors"
+TEACHER = Path(__file__).parents[2] / "refalign_core" / "toy" / "models" / "teacher.safetensors"
 
 
 def test_tokens_follow_the_dit_reference_grid():

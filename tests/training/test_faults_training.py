@@ -21,7 +21,7 @@ from refalign_core.errors import RefAlignInputError
 from refalign_core.files import OutputLock
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import load_training_config, train
-from test_train import ENV, ROOT, TRAIN, config, run, same_files
+from train_runs import ENV, ROOT, TRAIN, config, run, same_files
 
 pytestmark = pytest.mark.slow
 
