@@ -15,7 +15,6 @@ loop, shared by the core sampler (`sample_r2v`) and the ComfyUI-native sampler i
 import contextlib
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from ..errors import RefAlignInputError, first_non_finite
 from ..models.lora import applied_loras
 from ..models.transformer_refalign import TextKVCache
+from ..validation import describe, finite_number, one_of, whole_number
 from .caching import CACHES, MagCalibration, cache_config, dit_cache
 
 logger = logging.getLogger(__name__)
@@ -42,25 +42,6 @@ MAX_STEPS = 10_000
 
 class SamplingCancelled(Exception):
     """Raised when `cancel_check()` returned True; nothing is returned."""
-
-
-def _int(name, value, minimum=None, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise RefAlignInputError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum or maximum is not None and value > maximum:
-        bounds = f"in [{minimum}, {maximum}]" if maximum is not None else f"≥ {minimum}"
-        raise RefAlignInputError(f"{name} must be {bounds}, got {value}")
-    return int(value)
-
-
-def _float(name, value, minimum=None, exclusive_minimum=False, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
-        raise RefAlignInputError(f"{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-        raise RefAlignInputError(f"{name} must be {'>' if exclusive_minimum else '≥'} {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise RefAlignInputError(f"{name} must be ≤ {maximum}, got {value}")
-    return float(value)
 
 
 SIZE_MULTIPLE = 16  # pixels: the DiT's 2×2 patches over the VAE's 8× downsampling
@@ -98,35 +79,32 @@ class SamplingSettings:
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         for name in ("width", "height"):
-            value = _int(name, getattr(self, name))
+            value = whole_number(name, getattr(self, name))
             if not is_video_size(value):
                 raise RefAlignInputError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, got "
                                          f"{self.width}x{self.height}")
             set_(name, value)
-        frames = _int("num_frames", self.num_frames, 1)
+        frames = whole_number("num_frames", self.num_frames, 1)
         if not is_frame_count(frames):
             raise RefAlignInputError(f"num_frames must be 4n+1 (1, 5, …, 81), got {frames}")
         set_("num_frames", frames)
-        set_("steps", _int("steps", self.steps, 1, MAX_STEPS))
-        set_("shift", _float("shift", self.shift, MIN_SHIFT, maximum=MAX_SHIFT))
+        set_("steps", whole_number("steps", self.steps, 1, MAX_STEPS))
+        set_("shift", finite_number("shift", self.shift, MIN_SHIFT, MAX_SHIFT))
         for name in ("image_scale", "text_scale"):
-            set_(name, _float(name, getattr(self, name), -MAX_GUIDANCE_SCALE, maximum=MAX_GUIDANCE_SCALE))
-        set_("seed", _int("seed", self.seed, 0, MAX_SEED))
+            set_(name, finite_number(name, getattr(self, name), -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE))
+        set_("seed", whole_number("seed", self.seed, 0, MAX_SEED))
         if self.sampler not in SAMPLERS:
-            raise RefAlignInputError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.uncond_references not in UNCOND_REFERENCES:
-            raise RefAlignInputError(f"uncond_references must be one of {UNCOND_REFERENCES}, "
-                                     f"got {self.uncond_references!r}")
+            one_of("sampler", self.sampler, SAMPLERS)
+        one_of("uncond_references", self.uncond_references, UNCOND_REFERENCES)
         if self.guidance_steps is not None:
-            set_("guidance_steps", _int("guidance_steps", self.guidance_steps, 0, self.steps))
-        if self.cache not in CACHES:
-            raise RefAlignInputError(f"cache must be one of {CACHES}, got {self.cache!r}")
+            set_("guidance_steps", whole_number("guidance_steps", self.guidance_steps, 0, self.steps))
+        one_of("cache", self.cache, CACHES)
         if self.cache_threshold is not None:
-            set_("cache_threshold", _float("cache_threshold", self.cache_threshold, 0.0, exclusive_minimum=True))
+            set_("cache_threshold", finite_number("cache_threshold", self.cache_threshold, 0.0, exclusive_minimum=True))
         if self.cache_interval is not None:
-            set_("cache_interval", _int("cache_interval", self.cache_interval, 1, self.steps))
+            set_("cache_interval", whole_number("cache_interval", self.cache_interval, 1, self.steps))
         if not isinstance(self.text_kv_cache, bool):
-            raise RefAlignInputError(f"text_kv_cache must be true or false, got {self.text_kv_cache!r}")
+            raise RefAlignInputError(f"text_kv_cache: expected true or false, got {describe(self.text_kv_cache)}")
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "settings") -> "SamplingSettings":

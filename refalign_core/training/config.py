@@ -8,7 +8,6 @@ Python."""
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from collections.abc import Hashable
@@ -19,6 +18,7 @@ from typing import Literal
 import yaml
 
 from ..errors import RefAlignInputError
+from ..validation import describe, finite_number, in_range, one_of, whole_number
 from ..inference.sampler import SIZE_MULTIPLE, is_frame_count, is_video_size
 
 DATASET_FORMATS = ("jsonl", "folder", "opens2v")
@@ -27,12 +27,6 @@ DATASET_FORMATS = ("jsonl", "folder", "opens2v")
 def _range(minimum=None, maximum=None, exclusive_minimum=False, exclusive_maximum=False):
     return {"minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum,
             "exclusive_maximum": exclusive_maximum}
-
-
-def _describe(value) -> str:
-    if isinstance(value, str):
-        return f"the text {value!r}"
-    return f"{value!r} ({type(value).__name__})"
 
 
 def _fail(source: str, path: str, message: str) -> None:
@@ -200,18 +194,10 @@ class TrainingConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _check_range(value, spec: dict, source: str, path: str) -> None:
-    low, high = spec.get("minimum"), spec.get("maximum")
-    if low is not None and (value <= low if spec.get("exclusive_minimum") else value < low):
-        _fail(source, path, f"must be {'>' if spec.get('exclusive_minimum') else '≥'} {low}, got {value}")
-    if high is not None and (value >= high if spec.get("exclusive_maximum") else value > high):
-        _fail(source, path, f"must be {'<' if spec.get('exclusive_maximum') else '≤'} {high}, got {value}")
-
-
 def _parse_section(tp, value, source: str, path: str):
     """A config section (a dataclass): every key parsed, defaults filled in, required keys and ranges checked."""
     if not isinstance(value, dict):
-        _fail(source, path, f"expected a section (key: value pairs), got {_describe(value)}")
+        _fail(source, path, f"expected a section (key: value pairs), got {describe(value)}")
     fields = {f.name: f for f in dataclasses.fields(tp)}
     unknown = sorted(set(value) - set(fields))
     if unknown:
@@ -227,7 +213,8 @@ def _parse_section(tp, value, source: str, path: str):
         if item is None and f.metadata.get("required"):
             _fail(source, key, f"required: {f.metadata['required']}")
         if item is not None and ("minimum" in f.metadata or "maximum" in f.metadata):
-            _check_range(item, f.metadata, source, key)
+            in_range(f"{source}: {key}", item, f.metadata.get("minimum"), f.metadata.get("maximum"),
+                     f.metadata.get("exclusive_minimum", False), f.metadata.get("exclusive_maximum", False))
         parsed[name] = item
     result = tp(**parsed)
     check = getattr(result, "_check", None)
@@ -248,25 +235,21 @@ def _parse(tp, value, source: str, path: str):
     if value is None:
         _fail(source, path, "must not be empty (null)")
     if origin is Literal:
-        if value not in args:
-            _fail(source, path, f"must be one of {', '.join(map(repr, args))}, got {_describe(value)}")
-        return value
+        return one_of(f"{source}: {path}", value, args)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            _fail(source, path, f"expected a list, got {_describe(value)}")
+            _fail(source, path, f"expected a list, got {describe(value)}")
         return [_parse(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            _fail(source, path, f"expected a section (key: value pairs), got {_describe(value)}")
+            _fail(source, path, f"expected a section (key: value pairs), got {describe(value)}")
         return {str(k): _parse(args[1], v, source, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(source, path, f"expected true or false, got {_describe(value)}")
+            _fail(source, path, f"expected true or false, got {describe(value)}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(source, path, f"expected a whole number, got {_describe(value)}")
-        return value
+        return whole_number(f"{source}: {path}", value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = ""
@@ -276,13 +259,11 @@ def _parse(tp, value, source: str, path: str):
                     hint = f" (YAML reads {value} as text; write it with a dot, e.g. 1.0e-4)"
                 except ValueError:
                     pass
-            _fail(source, path, f"expected a number, got {_describe(value)}{hint}")
-        if not math.isfinite(value):
-            _fail(source, path, f"must be a finite number, got {value}")
-        return float(value)
+            _fail(source, path, f"expected a number, got {describe(value)}{hint}")
+        return finite_number(f"{source}: {path}", value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(source, path, f"expected text, got {_describe(value)}")
+            _fail(source, path, f"expected text, got {describe(value)}")
         return value
     raise TypeError(f"config field type {tp} is not supported")
 
@@ -356,7 +337,7 @@ def load_training_config(path: str | Path | None = None, overrides=()) -> Traini
         with path.open("rb") as f:  # YAML reads the bytes as UTF-8 (or UTF-16/32 by BOM), whatever the locale
             values = _yaml(f, source) or {}
         if not isinstance(values, dict):
-            raise RefAlignInputError(f"{source}: expected key: value pairs at the top level, got {_describe(values)}")
+            raise RefAlignInputError(f"{source}: expected key: value pairs at the top level, got {describe(values)}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
