@@ -9,7 +9,7 @@
 
 from . import deprecated
 from .errors import RefAlignInputError
-from .inference.pipeline import GenerationResult, RefAlignPipeline, generate
+from .inference.pipeline import GenerationResult, PipelineSpec, RefAlignPipeline, generate, load_pipeline
 from .inference.references import Reference, encode_references, fit_on_white, prepare_references
 from .inference.sampler import SamplingCancelled, SamplingSettings, make_scheduler, sample_r2v, three_pass_guidance
 from .models.checkpoint import load_dit, save_dit
@@ -21,8 +21,8 @@ deprecated.install()
 
 __version__ = "0.2.0"
 __all__ = [
-    "GenerationResult", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel", "Reference",
-    "SamplingCancelled", "SamplingSettings", "generate",
+    "GenerationResult", "PipelineSpec", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel",
+    "Reference", "SamplingCancelled", "SamplingSettings", "generate", "load_pipeline",
     "VideoOnlyCrossAttnProcessor", "WAN_NEGATIVE_PROMPT", "decode_latents", "encode_prompts", "encode_references",
     "encode_video", "fit_on_white", "load_dit", "load_text_encoder", "load_vae", "make_scheduler",
     "prepare_references", "sample_r2v", "save_dit", "save_vae", "three_pass_guidance",

@@ -176,9 +176,9 @@ def _tensors(path: str, option: str, key: str) -> dict[str, torch.Tensor]:
 
 def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     """The bundle's (or the official) defaults with the command line's changes, validated before any model loads."""
-    options = {k: getattr(args, k) for k in ("width", "height", "num_frames", "steps", "shift", "image_scale",
-                                             "text_scale", "sampler", "seed", "uncond_references", "guidance_steps",
-                                             "cache", "cache_threshold", "cache_interval") if getattr(args, k) is not None}
+    names = ("width", "height", "num_frames", "steps", "shift", "image_scale", "text_scale", "sampler", "seed",
+             "uncond_references", "guidance_steps", "cache", "cache_threshold", "cache_interval")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.text_kv_cache:
         options["text_kv_cache"] = True
     base = bundle.settings if bundle else SamplingSettings()
@@ -203,14 +203,8 @@ def _check_run_fits(args, spec: PipelineSpec, embeds: dict) -> None:
     check_memory(settings, parts, num_references, args.device)
 
 
-def cmd_generate(args) -> None:
-    # everything that can be wrong with the command is found before a model is loaded
-    bundle = read_bundle(args.bundle) if args.bundle else None
-    settings = _settings(args, bundle)
-    _check_device(args.device)
-    if not args.bundle and not args.dit:
-        raise RefAlignInputError("--dit (or --bundle) is required")
-    spec = _pipeline_spec(args, settings)
+def _checked_files(args, spec: PipelineSpec, bundle: Bundle | None) -> list[tuple[str | None, str]]:
+    """Every input file exists, every output can be written and overwrites no input. Returns the outputs."""
     named = [(args.dit, "--dit"), (args.vae, "--vae"), (args.text_encoder, "--text-encoder"),
              (args.prompt_embeds, "--prompt-embeds"), (args.reference_latents, "--reference-latents"),
              *((lora.path, "--lora") for lora in spec.loras), *((path, "--ref") for path in args.ref or ()),
@@ -225,11 +219,14 @@ def cmd_generate(args) -> None:
     if bundle:
         inputs += _files(bundle.folder, "--bundle")
     _check_outputs_spare_inputs(outputs, inputs)
-    fps = spec.model_files()[4]
-    if args.out:
-        video_rate(fps, args.out, settings.num_frames, "--fps")
     if not args.out and not args.save_latents:
         raise RefAlignInputError("give --out (a video) and / or --save-latents: nothing would be written")
+    return outputs
+
+
+def _given_tensors(args, settings: SamplingSettings) -> dict[str, torch.Tensor]:
+    """The prompt embeddings and reference latents given as files (checked), as `RefAlignPipeline` keywords; a
+    prompt or references must come from somewhere."""
     for text, option in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
         if text is not None:
             check_prompt_text(text, option)
@@ -246,6 +243,22 @@ def cmd_generate(args) -> None:
         embeds["reference_latents"] = latents
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
+    return embeds
+
+
+def cmd_generate(args) -> None:
+    # everything that can be wrong with the command is found before a model is loaded
+    bundle = read_bundle(args.bundle) if args.bundle else None
+    settings = _settings(args, bundle)
+    _check_device(args.device)
+    if not args.bundle and not args.dit:
+        raise RefAlignInputError("--dit (or --bundle) is required")
+    spec = _pipeline_spec(args, settings)
+    outputs = _checked_files(args, spec, bundle)
+    fps = spec.model_files()[4]
+    if args.out:
+        video_rate(fps, args.out, settings.num_frames, "--fps")
+    embeds = _given_tensors(args, settings)
     _check_run_fits(args, spec, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
@@ -317,10 +330,7 @@ def cmd_demo(args) -> None:
         print(f"{name}: {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m refalign_core", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="reference-to-video generation")
     _add_model_args(g)
     g.add_argument("--ref", action="append", help="reference image (repeat for 1-4 subjects)")
@@ -354,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="video file (.mp4, .webp, .gif)")
     g.add_argument("--save-latents", help="also write the latents to this .safetensors")
     g.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refalign_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
 
     e = sub.add_parser("encode-prompt", help="precompute prompt embeddings")
     e.add_argument("--text-encoder", required=True)

@@ -157,8 +157,16 @@ def check_case(case: Case, inputs: Path, tmp_path: Path, capsys) -> None:
     assert sorted(os.listdir(inputs)) == before
 
 
-def check_table(cases: list[Case], minimum: int) -> None:
-    assert len(cases) >= minimum and len({c.id for c in cases}) == len(cases)
+def table_test(cases: list[Case], minimum: int):
+    """An entry point's table as one parametrized test (a test module binds it to a `test_` name): each case one clear
+    error before any output. The table itself is checked as it is built: at least `minimum` cases, unique ids."""
+    assert len(cases) >= minimum and len({c.id for c in cases}) == len(cases), [c.id for c in cases]
+
+    @pytest.mark.parametrize("case", cases, ids=[c.id for c in cases])
+    def test(case, bad_inputs, tmp_path, capsys):
+        check_case(case, bad_inputs, tmp_path, capsys)
+
+    return test
 
 
 TOY_MODELS = [f"model.dit={TOY / 'dit.safetensors'}", f"model.vae={TOY / 'vae.safetensors'}",

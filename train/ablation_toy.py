@@ -216,29 +216,38 @@ def main(argv=None) -> int:
         gen_rows[name] = scores["generation"]
     rep = {"subjects": [s.id for s in held_out], "views": args.views, "per_subject": rep_rows}
     gen = {"cases": args.cases, "seeds": args.seeds, "per_case": gen_rows}
-    gen_rows = {name: {m: [case[m] for case in per_case] for m in GENERATION} for name, per_case in gen_rows.items()}
+    text, confusion = write_report(out, rep, gen, time.perf_counter() - start)
+    print(text)
+    mean, low, high = confusion
+    print(f"confusion RefAlign - baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    return 0
+
+
+def write_report(out: Path, rep: dict, gen: dict, seconds: float) -> tuple[str, tuple[float, float, float]]:
+    """ablation.md (the tables) and ablation.json (every score). Returns (the tables' text, the main pair's
+    confusion difference: mean and 95 % interval)."""
+    rep_rows = rep["per_subject"]
+    gen_rows = {name: {m: [case[m] for case in per_case] for m in GENERATION}
+                for name, per_case in gen["per_case"].items()}
     pool_seeds(gen_rows)
     main_pair = ("RefAlign (seeds 0+1)", "baseline (seeds 0+1)") if "RefAlign (seeds 0+1)" in gen_rows \
         else ("RefAlign", "baseline")
     last = max(int(k.rsplit(" ", 1)[1]) for k in rep_rows if "block" in k)
-    lines = [f"Representation: {len(rep['subjects'])} held-out identities × {args.views} references; reference "
+    lines = [f"Representation: {len(rep['subjects'])} held-out identities × {rep['views']} references; reference "
              "tokens pooled over the subject, centred; mean [95 % interval over identities].", ""]
     lines += table(rep_rows, REPRESENTATION, [(f"RefAlign, block {b}", f"{other}, block {b}") for b in (1, last)
                                               for other in ("baseline", "positive-only RA",
                                                             "RefAlign, EfficientNet teacher")])
-    lines += ["", f"Generation: {args.cases} held-out cases × {args.seeds} seeds, 2–3 unseen subjects each, scored "
-              "by the world judge (fractions of frames); mean [95 % interval over cases].", ""]
+    lines += ["", f"Generation: {gen['cases']} held-out cases × {gen['seeds']} seeds, 2–3 unseen subjects each, "
+              "scored by the world judge (fractions of frames); mean [95 % interval over cases].", ""]
     pairs = [main_pair, ("RefAlign", "baseline"), ("RefAlign (seed 1)", "baseline (seed 1)"),
              ("RefAlign", "positive-only RA"), ("RefAlign", "RefAlign, EfficientNet teacher")]
     lines += table(gen_rows, GENERATION, list(dict.fromkeys(pairs)))
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps({"representation": rep, "generation": gen,
-                                                   "seconds": time.perf_counter() - start}, indent=1))
-    print(text)
-    mean, low, high = interval(np.subtract(gen_rows[main_pair[0]]["confusion"], gen_rows[main_pair[1]]["confusion"]))
-    print(f"confusion RefAlign - baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
-    return 0
+    (out / "ablation.json").write_text(json.dumps({"representation": rep, "generation": gen, "seconds": seconds},
+                                                  indent=1))
+    return text, interval(np.subtract(gen_rows[main_pair[0]]["confusion"], gen_rows[main_pair[1]]["confusion"]))
 
 
 if __name__ == "__main__":

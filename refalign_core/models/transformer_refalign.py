@@ -234,6 +234,9 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         text_kv: the caller's text K/V cache for these `encoder_hidden_states`: filled on first use, reused after.
         reference_mask: `[B, K]` bool, False for padding frames of a batch whose samples have fewer than K
             references (training); their tokens are hidden from every self-attention key. None: all are real.
+
+        One function, as the parent's is: it follows `WanTransformer3DModel.forward` step by step, so a diffusers
+        upgrade can be compared with it side by side (the parent's source hash is pinned in the tests).
         """
         self._check_inputs(hidden_states, timestep, encoder_hidden_states)
         self._check_processors()

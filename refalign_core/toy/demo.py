@@ -23,7 +23,7 @@ from ..inference.sampler import SamplingSettings
 from ..inference.video_io import write_video
 from . import MODELS_FOLDER
 from .judge import JUDGE_FILE, WorldJudge, through_vae
-from .world import BACKGROUND, FPS, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
+from .world import BACKGROUND, FRAMES, SIZE, Subject, caption, plan_tracks, reference_image, render_clip
 
 DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
 SHIPPED_BUNDLE = MODELS_FOLDER / "refalign_toy"
@@ -64,43 +64,52 @@ def frame_strip(references: list[Image.Image], frames, gap: int = 8) -> Image.Im
     return strip
 
 
-def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
-    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result with the world judge
-    (`judge_accuracy` per subject) and the Identity Check, next to the same check on the world's own clip of the
-    case (report JSON / text, contact sheet). Every
-    file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of them.
-    Returns the written paths."""
+def score_demo(pipe: RefAlignPipeline, references: list, frames) -> tuple[str, dict, "Image.Image"]:
+    """The demo video `frames` scored by the world judge (`judge_accuracy` per subject) and the Identity Check, each
+    next to its ceiling on the world's own clip of the case. Returns (report text, JSON summary, contact sheet)."""
     from ..metrics.identity import IdentitySettings, check_identity
     from ..metrics.identity_sheet import evaluate
     from ..models.vfm import load_vfm
 
-    out = Path(out)
-    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
-    references = demo_references()
-    result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
     names = list(DEMO_NAMES)
     subjects = [track.subject for track in DEMO_TRACKS]
     judge = WorldJudge.load() if JUDGE_FILE.is_file() else None
-    verdict = judge(result.frames, subjects, names) if judge else None
+    verdict = judge(frames, subjects, names) if judge else None
     vfm = load_vfm()
-    settings = IdentitySettings(sample_frames=len(result.frames))
-    report, sheet = evaluate(references, result.frames, vfm, names=names, settings=settings,
+    settings = IdentitySettings(sample_frames=len(frames))
+    report, sheet = evaluate(references, frames, vfm, names=names, settings=settings,
                              backbone_name="efficientnet-lite0")
     ceiling = judge_ceiling = None
-    if tuple(result.frames.shape[1:3]) == (SIZE, SIZE):  # the world renders the case at its own size
-        truth = render_clip(list(DEMO_TRACKS), BACKGROUND, result.frames.shape[0], SIZE)
+    if tuple(frames.shape[1:3]) == (SIZE, SIZE):  # the world renders the case at its own size
+        truth = render_clip(list(DEMO_TRACKS), BACKGROUND, frames.shape[0], SIZE)
         ceiling = check_identity(references, truth, vfm, names=names, settings=settings)
         if judge is not None:
             judge_ceiling = judge(through_vae(pipe.vae, truth), subjects, names)
     text = report.summary()
+    summary = report.to_dict() | {"ceiling": {s.name: s.mean for s in ceiling.subjects} if ceiling else None}
     if ceiling is not None:
         text += "\n  ceiling (the same check on the toy world's own clip of this case): " + ", ".join(
             f"{s.name} {s.mean:.3f} ({r.mean / s.mean:.0%} of it)" for s, r in zip(ceiling.subjects, report.subjects))
     if verdict is not None:
         text += "\n" + verdict.summary()
+        summary["judge_accuracy"] = {s.name: s.accuracy for s in verdict.subjects}
+        summary["judge"] = verdict.to_dict()
     if judge_ceiling is not None:
         text += "\n  judge ceiling (the world's own clip of this case through the bundle's VAE): " + ", ".join(
             f"{s.name} {s.accuracy:.0%}" for s in judge_ceiling.subjects)
+        summary["judge_ceiling"] = {s.name: s.accuracy for s in judge_ceiling.subjects}
+    return text, summary, sheet
+
+
+def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
+    """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result (`score_demo`: report
+    JSON / text, contact sheet). Every file is written into a temporary folder beside `out` and moved in at the end:
+    a failure leaves none of them. Returns the written paths."""
+    out = Path(out)
+    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
+    references = demo_references()
+    result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
+    text, summary, sheet = score_demo(pipe, references, result.frames)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))
     try:
@@ -112,12 +121,6 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
             "contact_sheet": staging / "contact_sheet.png",
             "frame_strip": staging / "frames.png",
         }
-        summary = report.to_dict() | {"ceiling": {s.name: s.mean for s in ceiling.subjects} if ceiling else None}
-        if verdict is not None:
-            summary["judge_accuracy"] = {s.name: s.accuracy for s in verdict.subjects}
-            summary["judge"] = verdict.to_dict()
-        if judge_ceiling is not None:
-            summary["judge_ceiling"] = {s.name: s.accuracy for s in judge_ceiling.subjects}
         staged["identity_json"].write_text(json.dumps(summary, indent=1))
         staged["identity_report"].write_text(text + "\n")
         sheet.save(staged["contact_sheet"])

@@ -1,9 +1,7 @@
 """Bad input to the command line (`python -m refalign_core`): generate, bundles, encode commands, the demo: one clear
 error each, before any output (`bad_input.py`)."""
 
-import pytest
-
-from bad_input import Case, TOY, check_case, check_table, command, generate
+from bad_input import Case, TOY, command, generate, table_test
 
 CASES = [
     # generate: sizes, numbers and choices
@@ -97,10 +95,4 @@ CASES = [
 ]
 
 
-def test_there_are_enough_cases():
-    check_table(CASES, 51)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error_before_any_output(case, bad_inputs, tmp_path, capsys):
-    check_case(case, bad_inputs, tmp_path, capsys)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 51)

@@ -17,7 +17,7 @@ from refalign_core.models.checkpoint import load_dit
 from refalign_core.models.safetensors_io import read_safetensors
 from refalign_core.models.vae import load_vae
 
-from bad_input import Case, api, check_case, check_table, toy_pipe
+from bad_input import Case, api, table_test, toy_pipe
 from tiny_models import tiny_dit
 
 CASES = [
@@ -57,13 +57,7 @@ CASES = [
 ]
 
 
-def test_there_are_enough_cases():
-    check_table(CASES, 14)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error_before_any_output(case, bad_inputs, tmp_path, capsys):
-    check_case(case, bad_inputs, tmp_path, capsys)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 14)
 
 
 def test_inputs_that_used_to_go_silently_wrong(bad_inputs, tmp_path):

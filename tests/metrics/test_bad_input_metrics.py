@@ -3,14 +3,13 @@
 
 import math
 
-import pytest
 import torch
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.metrics.eval import main as eval_cli
 from refalign_core.metrics.identity import check_identity
 
-from bad_input import Case, api, check_case, check_table, command
+from bad_input import Case, api, command, table_test
 
 CASES = [
     # identity check
@@ -42,10 +41,4 @@ CASES = [
 ]
 
 
-def test_there_are_enough_cases():
-    check_table(CASES, 6)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error_before_any_output(case, bad_inputs, tmp_path, capsys):
-    check_case(case, bad_inputs, tmp_path, capsys)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 6)

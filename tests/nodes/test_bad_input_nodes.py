@@ -3,12 +3,11 @@
 
 import math
 
-import pytest
 import torch
 
 from refalign_core.errors import RefAlignInputError
 
-from bad_input import Case, api, check_case, check_table, node
+from bad_input import Case, api, node, table_test
 
 CASES = [
     # ComfyUI nodes (stand-ins for ComfyUI's runtime; the pack shares the core's RefAlignInputError)
@@ -37,10 +36,4 @@ CASES = [
 ]
 
 
-def test_there_are_enough_cases():
-    check_table(CASES, 6)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error_before_any_output(case, bad_inputs, tmp_path, capsys):
-    check_case(case, bad_inputs, tmp_path, capsys)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 6)

@@ -1,15 +1,13 @@
 """Bad input to training configs, datasets and sample prompts (all checked before anything is built): one clear error
 each, before any output (`bad_input.py`)."""
 
-import pytest
-
 from refalign_core.errors import RefAlignInputError
 from refalign_core.training import load_training_config, train
 from refalign_core.training.data import SkipCounter
 from refalign_core.training.datasets import read_folder, read_jsonl, read_opens2v
 from refalign_core.training.previews import read_sample_prompts
 
-from bad_input import Case, TOY_MODELS, api, check_case, check_table, write
+from bad_input import Case, TOY_MODELS, api, table_test, write
 
 CASES = [
     # training config and datasets (all checked before anything is built)
@@ -48,10 +46,4 @@ CASES = [
 ]
 
 
-def test_there_are_enough_cases():
-    check_table(CASES, 10)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error_before_any_output(case, bad_inputs, tmp_path, capsys):
-    check_case(case, bad_inputs, tmp_path, capsys)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 10)
