@@ -5,7 +5,7 @@
 * `metrics/`: the identity check, its contact sheet, face mode and the evaluation over many cases;
 * `training/`: the RefAlign training loop and its data; `toy/`: the toy world and the embedded model.
 
-`errors`, `files`, `paths` and `registry` serve them all; `python -m refalign_core` is the command line."""
+`errors`, `files`, `paths`, `registry` and `validation` serve them all; `python -m refalign_core` is the command line."""
 
 from . import deprecated
 from .errors import RefAlignInputError

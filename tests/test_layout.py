@@ -13,7 +13,7 @@ ROOT = Path(__file__).parents[1]
 CORE = ROOT / "refalign_core"
 # each group imports only from itself and the groups before it; the shared modules from none of the groups
 LAYERS = ["shared", "models", "inference", "metrics", "training", "toy", "entry"]
-SHARED = {"errors", "files", "paths", "registry"}
+SHARED = {"errors", "files", "paths", "registry", "validation"}
 ENTRY = {"__init__", "__main__", "deprecated", "eval", "prepare"}
 
 
