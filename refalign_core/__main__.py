@@ -24,7 +24,7 @@ from .inference.references import MAX_REFERENCES, Reference, encode_references, 
 from .inference.sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
                                 check_text_embeddings)
 from .inference.video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
-from .models.checkpoint import DTYPES, read_dit_header
+from .models.checkpoint import COMPUTE_DTYPES, DTYPES, read_dit_header
 from .models.lora import LoraSpec
 from .models.safetensors_io import read_safetensors, write_safetensors
 from .models.text_encoder import WAN_NEGATIVE_PROMPT, check_prompt_text, encode_prompts, load_text_encoder
@@ -144,7 +144,7 @@ def _add_model_args(p):
     p.add_argument("--vae", help="Wan2.1 VAE .safetensors")
     p.add_argument("--text-encoder", help="folder with umT5 (config.json + safetensors) and its tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32")
     p.add_argument("--weight-dtype", choices=list(DTYPES), help="storage dtype of the DiT weights (default: compute)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles to bound VAE memory")
     p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
     e.add_argument("--out", required=True)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32")
     e.set_defaults(func=cmd_encode_prompt)
 
     r = sub.add_parser("encode-references", help="precompute reference latents")
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height", type=int, default=480)
     r.add_argument("--out", required=True)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    r.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="fp32")
     r.set_defaults(func=cmd_encode_references)
 
     d = sub.add_parser("demo", help="run the demo on the embedded default model")

@@ -22,6 +22,7 @@ CONFIG_KEYS = ("head.head.weight", "text_embedding.0.weight", "time_embedding.0.
 CONFIG_METADATA_KEY = "refalign.dit_config"
 # weight storage dtypes by the names the CLI, the nodes and the training config use (fp8: storage only)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")  # the DTYPES a model computes in (fp8 is for storage only)
 WAN_HEADS = {1536: 12, 5120: 40}  # released Wan2.1 widths -> heads (head dim 128), for files without our metadata
 TRAINING_ONLY = re.compile(r"^blocks\.\d+\.input_mlp\.")  # official trainer's projectors
 
