@@ -270,6 +270,9 @@ class NativeDenoiser:
     preview: bool = True
 
     def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
+        if settings.reference_strength != 1:
+            raise RefAlignInputError(f"reference_strength {settings.reference_strength}: the ComfyUI path runs at "
+                                     "1 only (the core, the CLI and the API take 0–2)")
         latent_format = self.model.model.latent_format
         positive, negative = (_as_conditioning(t) for t in text)
         conds = subject_conditioning(

@@ -44,6 +44,7 @@ class SamplingCancelled(Exception):
     """Raised when `cancel_check()` returned True; nothing is returned."""
 
 
+MAX_REFERENCE_STRENGTH = 2.0
 SIZE_MULTIPLE = 16  # pixels: the DiT's 2×2 patches over the VAE's 8× downsampling
 FRAMES_PER_LATENT = 4  # the VAE's time compression: a video has 4n+1 frames
 
@@ -75,6 +76,7 @@ class SamplingSettings:
     cache_threshold: float | None = None  # first_block / magcache threshold (None: the cache's default)
     cache_interval: int | None = None  # taylorseer: full evaluation every n steps (None: 3)
     text_kv_cache: bool = False
+    reference_strength: float = 1.0  # how much the video attends to the references (0: not at all, 1: as trained)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -93,8 +95,9 @@ class SamplingSettings:
         for name in ("image_scale", "text_scale"):
             set_(name, finite_number(name, getattr(self, name), -MAX_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE))
         set_("seed", whole_number("seed", self.seed, 0, MAX_SEED))
-        if self.sampler not in SAMPLERS:
-            one_of("sampler", self.sampler, SAMPLERS)
+        set_("reference_strength", finite_number("reference_strength", self.reference_strength, 0.0,
+                                                 MAX_REFERENCE_STRENGTH))
+        one_of("sampler", self.sampler, SAMPLERS)
         one_of("uncond_references", self.uncond_references, UNCOND_REFERENCES)
         if self.guidance_steps is not None:
             set_("guidance_steps", whole_number("guidance_steps", self.guidance_steps, 0, self.steps))
@@ -250,6 +253,8 @@ class _Velocity:
         self.batch = batch_passes and not self.cached
         self.step = 0
         self.text_kv: dict[str, TextKVCache] | None = {} if settings.text_kv_cache else None
+        # passed only when it changes something: the default forward stays the one of every other run
+        self.strength = {"reference_strength": settings.reference_strength} if settings.reference_strength != 1 else {}
         self.dtype = dit.patch_embedding.weight.dtype
         self.device = dit.patch_embedding.weight.device
 
@@ -266,6 +271,7 @@ class _Velocity:
                 torch.cat([p.text for p in group]).to(self.device, self.dtype),
                 reference_latents=torch.cat([p.references for p in group]).to(self.device, self.dtype),
                 text_kv=None if self.text_kv is None else self.text_kv.setdefault(name, TextKVCache()),
+                **self.strength,
             ).sample
         return list(out.float().cpu().split(1))
 

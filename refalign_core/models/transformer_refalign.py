@@ -12,9 +12,10 @@ There are no new parameters: a RefAlign checkpoint has exactly the Wan2.1 T2V ke
 
 `RefAlignTransformer3DModel.forward` and `RefAlignTransformerBlock.forward` are adapted from diffusers 0.42.1's
 `WanTransformer3DModel.forward` and `WanTransformerBlock.forward` (their source hashes are pinned in
-`PARENT_SOURCE_SHA256`; `tests/test_transformer.py` fails when one changes). Changes to the model forward: (1) the
-reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block gets this call's
-reference-token count, the padded references' key mask (training) and its text K/V cache entry as arguments; (3) the
+`PARENT_SOURCE_SHA256`; `tests/models/test_transformer.py` fails when one changes). Changes to the model forward: (1)
+the reference latents are concatenated on the frame axis before RoPE and patchify; (2) each block gets this call's
+reference-token count, the self-attention key mask (the padded references in training; with `reference_strength` ≠ 1
+an additive log-bias on the reference keys) and its text K/V cache entry as arguments; (3) the
 reference tokens' residual stream is returned for the blocks asked for (training); (4) only the video tokens enter the
 head. Changes to the block forward: the key mask goes to the self-attention as its `attention_mask`, the
 reference-token count and text K/V entry to the cross-attention as keyword arguments. Nothing of a call is stored on
@@ -23,6 +24,7 @@ DiT).
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -108,7 +110,7 @@ class RefAlignTransformerBlock(WanTransformerBlock):
         """hidden_states: video then reference tokens `[B, L, dim]`; encoder_hidden_states: `[B, L_text, dim]`;
         temb: `[B, 6, dim]`; rotary_emb: (cos, sin), each `[1, L, 1, head_dim]`.
         num_reference_tokens: trailing tokens the cross-attention leaves unchanged.
-        key_mask: `[B, 1, 1, L]` bool self-attention keys (True = attend), or None: all.
+        key_mask: `[B, 1, 1, L]` self-attention keys: bool (True = attend) or an additive float bias; None: all.
         text_kv: this block's text K/V cache entry, or None: computed and not kept."""
         shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
             self.scale_shift_table + temb.float()
@@ -204,6 +206,18 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         references = reference_mask.to(device).repeat_interleave(tokens_per_reference, dim=1)
         return torch.cat([video, references], dim=1)[:, None, None, :]
 
+    @staticmethod
+    def _reference_bias(key_mask, strength: float, batch_size: int, num_video_tokens: int, num_reference_tokens: int,
+                        like: torch.Tensor) -> torch.Tensor:
+        """Self-attention key bias `[B, 1, 1, L]`: log(strength) on the reference keys (−inf at 0), 0 on the video's;
+        keys hidden by `key_mask` stay hidden."""
+        if not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"reference_strength must be a finite number ≥ 0, got {strength}")
+        bias = torch.zeros(batch_size, num_video_tokens + num_reference_tokens, device=like.device, dtype=like.dtype)
+        bias[:, num_video_tokens:] = math.log(strength) if strength > 0 else float("-inf")
+        bias = bias[:, None, None, :]
+        return bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
+
     def _check_processors(self) -> None:
         for block in self.blocks:
             if not isinstance(block.attn2.processor, VideoOnlyCrossAttnProcessor):
@@ -224,6 +238,7 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         return_dict: bool = True,
         text_kv: TextKVCache | None = None,
         reference_mask: torch.Tensor | None = None,
+        reference_strength: float = 1.0,
     ) -> RefAlignTransformerOutput | tuple:
         """
         hidden_states: noisy video latents `[B, C, F, H, W]`.
@@ -234,6 +249,9 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         text_kv: the caller's text K/V cache for these `encoder_hidden_states`: filled on first use, reused after.
         reference_mask: `[B, K]` bool, False for padding frames of a batch whose samples have fewer than K
             references (training); their tokens are hidden from every self-attention key. None: all are real.
+        reference_strength: ≥ 0, scales the attention every token pays to the reference keys (an additive log-bias on
+            them in self-attention; 0 hides them, so the video tokens see what they see without references). 1: as
+            trained, and the bias is not built.
 
         One function, as the parent's is: it follows `WanTransformer3DModel.forward` step by step, so a diffusers
         upgrade can be compared with it side by side (the parent's source hash is pinned in the tests).
@@ -261,6 +279,9 @@ class RefAlignTransformer3DModel(WanTransformer3DModel):
         num_reference_tokens = (num_references // p_t) * post_patch_height * post_patch_width
         key_mask = self._key_mask(reference_mask, batch_size, num_references, num_video_tokens,
                                   post_patch_height * post_patch_width, hidden_states.device)
+        if reference_strength != 1.0 and num_reference_tokens:
+            key_mask = self._reference_bias(key_mask, reference_strength, batch_size, num_video_tokens,
+                                            num_reference_tokens, hidden_states)
 
         # RoPE over F + K frames: reference k sits at temporal position F + k on the same (h, w) grid.
         rotary_emb = self.rope(hidden_states)

@@ -136,3 +136,20 @@ def test_guidance_weights_reproduce_the_formula():
     u, ci, ct = torch.randn(3, 4)
     w = guidance_weights(5.0, 7.5)
     torch.testing.assert_close(w[0] * u + w[1] * ci + w[2] * ct, three_pass_guidance(u, ci, ct, 5.0, 7.5))
+
+
+def test_reference_strength_zero_ignores_what_the_references_show(dit):
+    """At strength 0 no pass attends to the references: two different reference sets give the same video, which
+    strength 1 (the default, bit for bit) does not."""
+    prompt, negative, refs = inputs()
+    other = torch.randn_like(refs)
+    zero = SMALL.replace(reference_strength=0.0)
+    torch.testing.assert_close(sample_r2v(dit, prompt, negative, refs, zero),
+                               sample_r2v(dit, prompt, negative, other, zero), rtol=0, atol=1e-5)
+    assert torch.equal(sample_r2v(dit, prompt, negative, refs, SMALL.replace(reference_strength=1.0)),
+                       sample_r2v(dit, prompt, negative, refs, SMALL))
+    assert not torch.allclose(sample_r2v(dit, prompt, negative, refs, SMALL),
+                              sample_r2v(dit, prompt, negative, other, SMALL), atol=1e-3)
+    for bad in (-0.5, 2.5, float("nan")):
+        with pytest.raises(RefAlignInputError, match="reference_strength"):
+            SMALL.replace(reference_strength=bad)

@@ -204,3 +204,26 @@ def test_text_kv_cache_is_bit_identical_and_owned_by_the_caller(dit):
     assert set(cond.blocks) == set(range(len(dit.blocks)))
     fresh = vars(VideoOnlyCrossAttnProcessor())
     assert all(vars(b.attn2.processor) == fresh for b in dit.blocks)  # nothing of a call stays on the processors
+
+
+def test_reference_strength_scales_attention_to_the_references(dit):
+    """1 is the plain forward bit for bit (no bias is built); 0 hides the references, so the video tokens get what
+    they get without them; in between and above, the output moves with the strength; padding stays hidden."""
+    x, t, text, refs = video_inputs()
+    with torch.no_grad():
+        plain = dit(x, t, text, reference_latents=refs).sample
+        none = dit(x, t, text).sample
+        out = {s: dit(x, t, text, reference_latents=refs, reference_strength=s).sample for s in (0.0, 0.5, 1.0, 2.0)}
+    assert torch.equal(out[1.0], plain)
+    torch.testing.assert_close(out[0.0], none, rtol=0, atol=1e-5)
+    distance = {s: (out[s] - none).abs().mean().item() for s in (0.5, 1.0, 2.0)}
+    assert distance[0.5] < distance[1.0] < distance[2.0], distance  # further from "no references" as it rises
+    x2, t2, text2, refs2 = video_inputs(batch=2)
+    refs2 = torch.cat([refs2, torch.full_like(refs2[:, :, :1], 5.0)], dim=2)  # sample 1's third frame is padding
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    with torch.no_grad():
+        padded = dit(x2, t2, text2, reference_latents=refs2, reference_mask=mask, reference_strength=0.5).sample
+        alone = dit(x2[1:], t2[1:], text2[1:], reference_latents=refs2[1:, :, :2], reference_strength=0.5).sample
+    torch.testing.assert_close(padded[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reference_strength"):
+        dit(x, t, text, reference_latents=refs, reference_strength=-1.0)

@@ -387,3 +387,13 @@ def test_guider_runs_three_passes_on_the_first_guidance_steps_of_its_sigmas(nati
     assert calls == passes
     assert all(torch.allclose(x, torch.ones(1)) for x in out)  # the weights sum to 1 in both modes
     native.guider_class.cache_clear()
+
+
+def test_the_native_path_refuses_a_reference_strength_it_does_not_apply(native):
+    """reference_strength is in the core only so far: a native run asked for another one is one clear error, not a
+    silent run at 1."""
+    from refalign_core.errors import RefAlignInputError
+    from refalign_core.inference.sampler import SamplingSettings
+
+    with pytest.raises(RefAlignInputError, match="reference_strength 0.5"):
+        native.NativeDenoiser(model=None)(None, None, SamplingSettings(reference_strength=0.5))
