@@ -185,10 +185,9 @@ def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     return base.replace(source="command line", **options)
 
 
-def _check_run_fits(args, spec: PipelineSpec, embeds: dict) -> None:
+def _check_run_fits(args, dit, vae, text_encoder, settings: SamplingSettings, embeds: dict) -> None:
     """The given embeddings, the video within the DiT's RoPE positions and the run within free memory, from the DiT
     file's header alone: found before any weight is read or any tensor of the video's size is made."""
-    dit, vae, text_encoder, settings, _ = spec.model_files()
     config, parameters = read_dit_header(dit)
     check_text_embeddings({"--prompt-embeds prompt_embeds": embeds.get("prompt_embeds"),
                            "--prompt-embeds negative_prompt_embeds": embeds.get("negative_prompt_embeds")},
@@ -255,11 +254,11 @@ def cmd_generate(args) -> None:
         raise RefAlignInputError("--dit (or --bundle) is required")
     spec = _pipeline_spec(args, settings)
     outputs = _checked_files(args, spec, bundle)
-    fps = spec.model_files()[4]
+    dit, vae, text_encoder, _, fps = spec.model_files()
     if args.out:
         video_rate(fps, args.out, settings.num_frames, "--fps")
     embeds = _given_tensors(args, settings)
-    _check_run_fits(args, spec, embeds)
+    _check_run_fits(args, dit, vae, text_encoder, settings, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
         prepare_references(references, settings.width, settings.height, MAX_REFERENCES)

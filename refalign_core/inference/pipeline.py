@@ -21,6 +21,7 @@ from .memory import check_memory, memory_estimate
 from .references import MAX_REFERENCES, as_references, encode_references, prepare_references
 from .sampler import SamplingSettings, sample_r2v
 
+
 @dataclass
 class GenerationResult:
     latents: torch.Tensor  # [1, 16, T', H/8, W/8] in the DiT's (normalised) latent space

@@ -38,15 +38,13 @@ MAX_SEED = 2**64 - 1
 MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
 MAX_GUIDANCE_SCALE = 100.0
 MAX_STEPS = 10_000
+MAX_REFERENCE_STRENGTH = 2.0
+SIZE_MULTIPLE = 16  # pixels: the DiT's 2×2 patches over the VAE's 8× downsampling
+FRAMES_PER_LATENT = 4  # the VAE's time compression: a video has 4n+1 frames
 
 
 class SamplingCancelled(Exception):
     """Raised when `cancel_check()` returned True; nothing is returned."""
-
-
-MAX_REFERENCE_STRENGTH = 2.0
-SIZE_MULTIPLE = 16  # pixels: the DiT's 2×2 patches over the VAE's 8× downsampling
-FRAMES_PER_LATENT = 4  # the VAE's time compression: a video has 4n+1 frames
 
 
 def is_video_size(pixels: int) -> bool:
@@ -55,6 +53,7 @@ def is_video_size(pixels: int) -> bool:
 
 def is_frame_count(frames: int) -> bool:
     return frames >= 1 and (frames - 1) % FRAMES_PER_LATENT == 0
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
