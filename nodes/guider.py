@@ -3,18 +3,22 @@ scheduler), on the conditionings from RefAlign Subject Conditioning. Mechanism: 
 
 from comfy_api.latest import io
 
+from refalign_core.inference.sampler import MAX_STEPS, SamplingSettings
+
 from .native import guider_class
-from .sampler import check_model_and_text, guidance_inputs, patched_model_input, guidance_steps_input
+from .sampler import (check_model_and_text, guidance_inputs, guidance_steps_input, patched_model_input,
+                      reference_control_inputs)
 
 
-def refalign_guider(model, positive, negative_text, negative_img_text, image_scale: float, text_scale: float,
-                    guidance_steps: int | None):
-    """The GUIDER (`native.guider_class`) on checked inputs; guidance_steps None: three passes on every step."""
+def refalign_guider(model, positive, negative_text, negative_img_text, settings: SamplingSettings):
+    """The GUIDER (`native.guider_class`) on checked inputs, with the settings' scales and step schedule."""
     check_model_and_text(model, positive=positive, negative_text=negative_text, negative_img_text=negative_img_text)
     guider = guider_class()(model)
     guider.set_conds(positive, negative_text, negative_img_text)
-    guider.set_scales(image_scale, text_scale)
-    guider.set_guidance_steps(guidance_steps)
+    guider.set_scales(settings.image_scale, settings.text_scale)
+    guider.set_guidance_steps(settings.guidance_steps)
+    guider.set_image_guidance(settings.image_guidance_start, settings.image_guidance_end)
+    guider.set_reference_strength(settings.reference_strength)
     return guider
 
 
@@ -35,12 +39,18 @@ class RefAlignGuider(io.ComfyNode):
                 *guidance_inputs(),
                 guidance_steps_input("-1: three passes on every step. n: on the first n steps of the sigmas, then "
                                        "the prompt pass alone."),
+                *reference_control_inputs(),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="The guider for SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative_text, negative_img_text, image_scale, text_scale,
-                guidance_steps=-1) -> io.NodeOutput:
-        return io.NodeOutput(refalign_guider(model, positive, negative_text, negative_img_text, image_scale,
-                                             text_scale, None if guidance_steps < 0 else guidance_steps))
+                guidance_steps=-1, reference_strength=1.0, image_guidance_start=0.0,
+                image_guidance_end=1.0) -> io.NodeOutput:
+        # the steps are the sigmas' that SamplerCustomAdvanced gives; MAX_STEPS only bounds guidance_steps here
+        settings = SamplingSettings(image_scale=image_scale, text_scale=text_scale, steps=MAX_STEPS,
+                                    guidance_steps=None if guidance_steps < 0 else guidance_steps,
+                                    reference_strength=reference_strength, image_guidance_start=image_guidance_start,
+                                    image_guidance_end=image_guidance_end)
+        return io.NodeOutput(refalign_guider(model, positive, negative_text, negative_img_text, settings))

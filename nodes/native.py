@@ -28,8 +28,9 @@ import torch
 from refalign_core.models.checkpoint import validated_original
 from refalign_core.errors import RefAlignInputError
 from refalign_core.models.safetensors_io import read_safetensors, read_safetensors_shapes
-from refalign_core.inference.sampler import (SamplingSettings, guidance_weights, initial_noise, make_scheduler,
-                                             one_pass_below, run_schedule, zero_references)
+from refalign_core.inference.sampler import (GUIDANCE_MODES, SamplingSettings, guidance_mode, guidance_weights,
+                                             initial_noise, make_scheduler, run_schedule, step_at_sigma,
+                                             zero_references)
 from refalign_core.models.vae import dit_to_wan21_space, wan21_to_dit_space
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 PATCH_KEY = "refalign"  # wrapper key on the ModelPatcher
 VIDEO_TOKENS = "refalign_video_tokens"  # transformer_options key: leading tokens that are video
 RUNNING_MODEL = "refalign_running_model"  # transformer_options key: the WanModel this call runs
+REFERENCE_STRENGTH = "refalign_reference_strength"  # transformer_options key: set by the guider when ≠ 1
+ATTENTION_OVERRIDE = "optimized_attention_override"  # ComfyUI's transformer_options key around every attention call
 BUNDLE_ATTACHMENT = "refalign_bundle"  # ModelPatcher attachment: the RefAlign model (VAE, text encoder) it came from
 GUIDANCE_CONDS = ("negative", "negative_text", "positive")  # u, c_img, c_txt
 
@@ -83,6 +86,29 @@ def video_token_count(latent_shape, patch_size) -> int:
     return math.prod(math.ceil(n / p) for n, p in zip(latent_shape[2:], patch_size))
 
 
+class ReferenceKeyBias:
+    """`optimized_attention_override` that scales the attention paid to the reference keys by `strength` in the
+    self-attention over [video | reference] tokens: an additive log(strength) on those keys (−inf at 0), as the
+    core DiT's `reference_strength`. Other attention calls (the video-only cross-attention) pass through; an
+    override that was there first (another pack's) is called with the bias."""
+
+    def __init__(self, strength: float, video_tokens: int, previous=None):
+        self.strength, self.video_tokens, self.previous = strength, video_tokens, previous
+
+    def __call__(self, func, q, k, v, *args, **kwargs):
+        axis = 2 if kwargs.get("skip_reshape") else 1
+        tokens = q.shape[axis]
+        if tokens == k.shape[axis] and tokens > self.video_tokens:
+            if kwargs.get("mask") is not None:
+                raise RuntimeError("RefAlign reference_strength: the self-attention already has a mask")
+            bias = torch.zeros(1, tokens, dtype=q.dtype, device=q.device)
+            bias[:, self.video_tokens:] = math.log(self.strength) if self.strength > 0 else float("-inf")
+            kwargs["mask"] = bias
+        if self.previous is not None:
+            return self.previous(func, q, k, v, *args, **kwargs)
+        return func(q, k, v, *args, **kwargs)
+
+
 def count_video_tokens(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
                        *args, **kwargs):
     """`WrappersMP.DIFFUSION_MODEL` wrapper around `WanModel._forward`: tells the cross-attention patches which model
@@ -90,7 +116,12 @@ def count_video_tokens(executor, x, timestep, context, clip_fea=None, time_dim_c
     transformer_options = {**(transformer_options if transformer_options is not None else {}),
                            RUNNING_MODEL: executor.class_obj}
     if time_dim_concat is not None and time_dim_concat.shape[2] > 0:
-        transformer_options[VIDEO_TOKENS] = video_token_count(x.shape, executor.class_obj.patch_size)
+        video_tokens = video_token_count(x.shape, executor.class_obj.patch_size)
+        transformer_options[VIDEO_TOKENS] = video_tokens
+        strength = transformer_options.get(REFERENCE_STRENGTH, 1.0)
+        if strength != 1.0:
+            transformer_options[ATTENTION_OVERRIDE] = ReferenceKeyBias(strength, video_tokens,
+                                                                       transformer_options.get(ATTENTION_OVERRIDE))
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, *args, **kwargs)
 
 
@@ -148,33 +179,48 @@ def guider_class():
 
     class RefAlignGuider(comfy.samplers.CFGGuider):
         """RefAlign's three passes on ComfyUI's sampling machinery (every model patch and wrapper applies):
-        x0 = Σ w·x0_pass with the weights of v = u + s_img·(c_img − u) + s_txt·(c_txt − c_img); passes with weight 0
-        are not run. Conds: positive (c_txt), negative_text (c_img), negative (u: zeroed references)."""
+        x0 = Σ w·x0_pass with the weights of the step's guidance mode (`guidance_weights`); passes with weight 0
+        are not run. Conds: positive (c_txt), negative_text (c_img), negative (u: zeroed references). The step
+        schedule (guidance_steps, the image-guidance window) is read on whatever sigmas `sample` gets."""
 
         def set_conds(self, positive, negative_text, negative_img_text):
             self.inner_set_conds({"positive": positive, "negative_text": negative_text,
                                   "negative": negative_img_text})
 
-        guidance_steps = None  # three passes on every step
-        one_pass_below = None
+        guidance_steps = None  # guided passes on every step
+        image_guidance = (0.0, 1.0)  # the image pass's window, fractions of the steps
+        reference_strength = 1.0
+        step_sigmas = None
 
         def set_scales(self, image_scale: float, text_scale: float):
-            self.weights = {three: dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale, three)))
-                            for three in (True, False)}
+            self.weights = {mode: dict(zip(GUIDANCE_CONDS, guidance_weights(image_scale, text_scale, mode)))
+                            for mode in GUIDANCE_MODES}
 
         def set_guidance_steps(self, steps: int | None):
-            """Three passes on the first `steps` steps of whatever sigmas `sample` gets, then c_txt alone (None:
-            always three passes)."""
+            """Guided passes on the first `steps` steps, then c_txt alone (None: on every step)."""
             self.guidance_steps = steps
 
+        def set_image_guidance(self, start: float, end: float):
+            """The image pass on start ≤ step / steps < end; outside, u and c_txt only."""
+            self.image_guidance = (start, end)
+
+        def set_reference_strength(self, strength: float):
+            """How much the video attends to the references (1: as trained)."""
+            self.reference_strength = strength
+
         def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
-            # the step count as a sigma threshold: the model is evaluated at every sigma but the last (0)
-            self.one_pass_below = one_pass_below(self.guidance_steps, sigmas[:-1])
+            self.step_sigmas = sigmas[:-1].float()  # the model is evaluated at every sigma but the last (0)
             return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
-            weights = self.weights[self.one_pass_below is None or float(timestep.max()) >= self.one_pass_below]
+            step = step_at_sigma(float(timestep.max()), self.step_sigmas)
+            mode = guidance_mode(step, len(self.step_sigmas), self.guidance_steps, *self.image_guidance)
+            weights = self.weights[mode]
             names = [name for name in GUIDANCE_CONDS if weights[name] != 0.0]
+            if self.reference_strength != 1.0:
+                options = model_options.get("transformer_options", {})
+                model_options = {**model_options, "transformer_options": {**options,
+                                                                          REFERENCE_STRENGTH: self.reference_strength}}
             outputs = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get(n) for n in names], x,
                                                      timestep, model_options)
             return sum(weights[name] * out for name, out in zip(names, outputs))
@@ -225,6 +271,8 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     guider.set_conds(positive, negative_text, negative_img_text)
     guider.set_scales(settings.image_scale, settings.text_scale)
     guider.set_guidance_steps(settings.guidance_steps)
+    guider.set_image_guidance(settings.image_guidance_start, settings.image_guidance_end)
+    guider.set_reference_strength(settings.reference_strength)
     noise = initial_noise(tuple(latent.shape), settings.seed)
     callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
     samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,
@@ -270,9 +318,6 @@ class NativeDenoiser:
     preview: bool = True
 
     def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
-        if settings.reference_strength != 1:
-            raise RefAlignInputError(f"reference_strength {settings.reference_strength}: the ComfyUI path runs at "
-                                     "1 only (the core, the CLI and the API take 0–2)")
         latent_format = self.model.model.latent_format
         positive, negative = (_as_conditioning(t) for t in text)
         conds = subject_conditioning(

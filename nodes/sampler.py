@@ -7,8 +7,9 @@ from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.inference.pipeline import generate
-from refalign_core.inference.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SHIFT, MAX_STEPS,
-                                             MIN_SHIFT, SAMPLERS, SIZE_MULTIPLE, UNCOND_REFERENCES, SamplingSettings)
+from refalign_core.inference.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_REFERENCE_STRENGTH, MAX_SEED,
+                                             MAX_SHIFT, MAX_STEPS, MIN_SHIFT, SAMPLERS, SIZE_MULTIPLE,
+                                             UNCOND_REFERENCES, SamplingSettings)
 
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched
@@ -46,6 +47,21 @@ def uncond_references_input():
 
 def guidance_steps_input(tooltip: str):
     return io.Int.Input("guidance_steps", default=-1, min=-1, max=MAX_STEPS, optional=True, tooltip=tooltip)
+
+
+def reference_control_inputs() -> list:
+    """Reference strength and the image-guidance window: optional, last, so saved workflows keep their values."""
+    return [io.Float.Input("reference_strength", default=DEFAULTS.reference_strength, min=0.0,
+                           max=MAX_REFERENCE_STRENGTH, step=0.05, optional=True,
+                           tooltip="How much the video attends to the references: 1 as trained, 0 ignores them, "
+                                   "above 1 leans on them harder."),
+            io.Float.Input("image_guidance_start", default=DEFAULTS.image_guidance_start, min=0.0, max=1.0,
+                           step=0.01, optional=True,
+                           tooltip="The image-guidance pass (s_img) runs from this fraction of the steps…"),
+            io.Float.Input("image_guidance_end", default=DEFAULTS.image_guidance_end, min=0.0, max=1.0, step=0.01,
+                           optional=True,
+                           tooltip="…until this one; outside it a step runs the prompt guidance alone (s_txt), "
+                                   "which saves one pass.")]
 
 
 def check_model_and_text(model, **conditionings) -> None:
@@ -115,6 +131,7 @@ class RefAlignR2VSampler(io.ComfyNode):
                                        "shift 5, n = 1)."),
                 io.Boolean.Input("previews", default=True, optional=True,
                                  tooltip="Latent previews in the progress bar."),
+                *reference_control_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The video frames (connect to Create Video / Save "
@@ -127,9 +144,12 @@ class RefAlignR2VSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, references, width, height, num_frames, steps, shift,
                 image_scale, text_scale, seed, sampler, uncond_references, guidance_steps=-1,
-                previews=True) -> io.NodeOutput:
+                previews=True, reference_strength=1.0, image_guidance_start=0.0,
+                image_guidance_end=1.0) -> io.NodeOutput:
         settings = SamplingSettings(width=width, height=height, num_frames=num_frames, steps=steps, shift=shift,
                                     image_scale=image_scale, text_scale=text_scale, sampler=sampler,
                                     seed=seed, uncond_references=uncond_references,
-                                    guidance_steps=None if guidance_steps < 0 else min(guidance_steps, steps))
+                                    guidance_steps=None if guidance_steps < 0 else min(guidance_steps, steps),
+                                    reference_strength=reference_strength, image_guidance_start=image_guidance_start,
+                                    image_guidance_end=image_guidance_end)
         return io.NodeOutput(*sample_video(model, positive, negative, vae, references, settings, previews))

@@ -177,7 +177,8 @@ def _tensors(path: str, option: str, key: str) -> dict[str, torch.Tensor]:
 def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     """The bundle's (or the official) defaults with the command line's changes, validated before any model loads."""
     names = ("width", "height", "num_frames", "steps", "shift", "image_scale", "text_scale", "reference_strength",
-             "sampler", "seed", "uncond_references", "guidance_steps", "cache", "cache_threshold", "cache_interval")
+             "image_guidance_start", "image_guidance_end", "sampler", "seed", "uncond_references", "guidance_steps",
+             "cache", "cache_threshold", "cache_interval")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.text_kv_cache:
         options["text_kv_cache"] = True
@@ -349,6 +350,10 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--text-scale", type=float, help="s_txt (default 7.5)")
     g.add_argument("--reference-strength", type=float, help="how much the video attends to the references, 0–2 "
                                                              "(default 1: as trained; 0: not at all)")
+    g.add_argument("--image-guidance-start", type=float, metavar="FRACTION",
+                   help="the image pass (s_img) runs from this fraction of the steps (default 0) …")
+    g.add_argument("--image-guidance-end", type=float, metavar="FRACTION",
+                   help="… until this one (default 1); outside, a step runs u and c_txt only")
     g.add_argument("--sampler", choices=SAMPLERS)
     g.add_argument("--uncond-references", choices=UNCOND_REFERENCES)
     g.add_argument("--seed", type=int, default=0)

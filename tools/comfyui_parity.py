@@ -139,23 +139,24 @@ def toy_inputs(pack, loaded):
     return references, encode(clip, DEMO_PROMPT)[0], encode(clip, "")[0], read_bundle(toy_bundle()[1]).settings
 
 
-def toy_sampling(pack, sampler_name: str, model, loaded, steps=None):
-    """The R2V Sampler on the demo case -> (frames, latent in DiT space)."""
+def toy_sampling(pack, sampler_name: str, model, loaded, steps=None, **controls):
+    """The R2V Sampler on the demo case -> (frames, latent in DiT space); controls: its optional inputs."""
     references, positive, negative, defaults = toy_inputs(pack, loaded)
     frames, latent = run_node(
         pack, "RefAlignR2VSampler", model, positive, negative, loaded[2], references, 64, 64, defaults.num_frames, steps or defaults.steps,
-        defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference")
+        defaults.shift, defaults.image_scale, defaults.text_scale, 0, sampler_name, "zeros_per_reference", **controls)
     return frames, wan21_to_dit_space(latent["samples"])
 
 
-def core_sampling(sampler_name: str):
-    """The core path (our DiT, the bundle's VAE and text encoder) on the same case -> latents in DiT space."""
+def core_sampling(sampler_name: str, **controls):
+    """The core path (our DiT, the bundle's VAE and text encoder) on the same case -> latents in DiT space;
+    controls: settings on top."""
     import dataclasses
 
     from refalign_core.inference.pipeline import RefAlignPipeline
 
     pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
-    settings = dataclasses.replace(pipe.settings, width=64, height=64, seed=0, sampler=sampler_name)
+    settings = dataclasses.replace(pipe.settings, width=64, height=64, seed=0, sampler=sampler_name, **controls)
     return pipe(DEMO_PROMPT, demo_references(), negative_prompt="", settings=settings).latents
 
 
@@ -224,6 +225,13 @@ def check_sampling(pack, skip_compile: bool) -> None:
     core = core_sampling("euler")
     report("toy through Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced vs the core path: |diff| "
            "latents", (modular_sampling(pack, model, loaded) - core).abs().max().item())
+    controls = {"reference_strength": 0.5, "image_guidance_start": 0.25, "image_guidance_end": 0.75}
+    report(f"R2V Sampler with {controls} vs the core path: |diff| latents",
+           (toy_sampling(pack, "euler", native, loaded, **controls)[1] - core_sampling("euler", **controls))
+           .abs().max().item())
+    report("  the same at reference_strength 0 (references hidden), vs the core path: |diff| latents",
+           (toy_sampling(pack, "euler", native, loaded, reference_strength=0.0)[1]
+            - core_sampling("euler", reference_strength=0.0)).abs().max().item())
     other_shift = advanced.ModelSamplingSD3().patch(model, 5.0)[0]
     report("ModelSamplingSD3 shift 5 instead of 1 (the sampler's own shift widget decides): |diff|",
            (toy_sampling(pack, "euler", other_shift, loaded)[1] - core).abs().max().item(), False)

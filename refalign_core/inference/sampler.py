@@ -4,7 +4,10 @@
 
 u: negative prompt + zeroed references, c_img: negative prompt + references, c_txt: prompt + references.
 
-Fewer DiT evaluations: `guidance_steps` = n runs the three passes for the first n steps and then c_txt alone (for
+The image-guidance window `image_guidance_start` ≤ step / steps < `image_guidance_end` limits the image pass to a part
+of the schedule; outside it the step runs u and c_txt only, v = u + s_txt·(c_txt − u) (c_img taken as u).
+
+Fewer DiT evaluations: `guidance_steps` = n runs the guided passes for the first n steps and then c_txt alone (for
 step-distill LoRAs, which are trained for one pass); `cache` puts a diffusers cache hook on the DiT with one state
 per pass; `text_kv_cache` reuses each pass's text keys / values over the steps (exact). The text K/V caches belong
 to one run and the MagCache ratios to their caller (`mag_ratio_memo`); the DiT keeps neither.
@@ -76,6 +79,8 @@ class SamplingSettings:
     cache_interval: int | None = None  # taylorseer: full evaluation every n steps (None: 3)
     text_kv_cache: bool = False
     reference_strength: float = 1.0  # how much the video attends to the references (0: not at all, 1: as trained)
+    image_guidance_start: float = 0.0  # the image pass runs while start ≤ step / steps < end (fractions)
+    image_guidance_end: float = 1.0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -96,6 +101,11 @@ class SamplingSettings:
         set_("seed", whole_number("seed", self.seed, 0, MAX_SEED))
         set_("reference_strength", finite_number("reference_strength", self.reference_strength, 0.0,
                                                  MAX_REFERENCE_STRENGTH))
+        for name in ("image_guidance_start", "image_guidance_end"):
+            set_(name, finite_number(name, getattr(self, name), 0.0, 1.0))
+        if self.image_guidance_start > self.image_guidance_end:
+            raise RefAlignInputError(f"image_guidance_start: must be ≤ image_guidance_end ({self.image_guidance_end:g}),"
+                                     f" got {self.image_guidance_start:g}")
         one_of("sampler", self.sampler, SAMPLERS)
         one_of("uncond_references", self.uncond_references, UNCOND_REFERENCES)
         if self.guidance_steps is not None:
@@ -123,6 +133,11 @@ class SamplingSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def guidance_at(self, step: int) -> str:
+        """The guidance mode of step `step` (0-based): one of GUIDANCE_MODES."""
+        return guidance_mode(step, self.steps, self.guidance_steps, self.image_guidance_start,
+                             self.image_guidance_end)
+
     def latent_shape(self, channels: int = 16) -> tuple[int, ...]:
         """Video latents `[1, C, (F−1)/4+1, H/8, W/8]`."""
         return (1, channels, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
@@ -132,27 +147,33 @@ def three_pass_guidance(uncond, image_cond, text_cond, image_scale: float, text_
     return uncond + image_scale * (image_cond - uncond) + text_scale * (text_cond - image_cond)
 
 
-def guidance_weights(image_scale: float, text_scale: float, three_pass: bool = True) -> tuple[float, float, float]:
-    """The three-pass formula as weights of (u, c_img, c_txt): v = (1−s_img)·u + (s_img−s_txt)·c_img + s_txt·c_txt;
-    after `guidance_steps` (three_pass False) v = c_txt."""
-    return (1.0 - image_scale, image_scale - text_scale, text_scale) if three_pass else (0.0, 0.0, 1.0)
+THREE_PASS, NO_IMAGE_PASS, PROMPT_ONLY = GUIDANCE_MODES = ("three_pass", "no_image_pass", "prompt_only")
 
 
-def three_pass_at(settings: SamplingSettings, step: int) -> bool:
-    """Whether step `step` (0-based) runs the three passes."""
-    return settings.guidance_steps is None or step < settings.guidance_steps
+def guidance_weights(image_scale: float, text_scale: float, mode: str = THREE_PASS) -> tuple[float, float, float]:
+    """The guidance formula of a step as weights of (u, c_img, c_txt): three passes
+    v = (1−s_img)·u + (s_img−s_txt)·c_img + s_txt·c_txt; outside the image-guidance window v = u + s_txt·(c_txt − u);
+    after `guidance_steps` v = c_txt."""
+    return {THREE_PASS: (1.0 - image_scale, image_scale - text_scale, text_scale),
+            NO_IMAGE_PASS: (1.0 - text_scale, 0.0, text_scale),
+            PROMPT_ONLY: (0.0, 0.0, 1.0)}[mode]
 
 
-def one_pass_below(guidance_steps: int | None, step_sigmas: torch.Tensor) -> float | None:
-    """`three_pass_at` as a sigma threshold, for guiders that see the sigma and not the step: three passes on the
-    first `guidance_steps` steps (None: on every step), step_sigmas the sigmas the model is evaluated at, one per
-    step, decreasing. None: three passes on every step."""
-    n = guidance_steps
-    if n is None or n >= len(step_sigmas):
-        return None
-    if n == 0:
-        return float("inf")
-    return float(step_sigmas[n - 1] + step_sigmas[n]) / 2
+def guidance_mode(step: int, steps: int, guidance_steps: int | None = None, image_guidance_start: float = 0.0,
+                  image_guidance_end: float = 1.0) -> str:
+    """Step `step` (0-based) of `steps`: c_txt alone from `guidance_steps` on (None: never), the image pass inside
+    image_guidance_start ≤ step / steps < image_guidance_end."""
+    if guidance_steps is not None and step >= guidance_steps:
+        return PROMPT_ONLY
+    return THREE_PASS if image_guidance_start <= step / steps < image_guidance_end else NO_IMAGE_PASS
+
+
+def step_at_sigma(sigma: float, step_sigmas: torch.Tensor) -> int:
+    """The step (0-based) a guider that sees sigmas and not steps is on: step_sigmas are the sigmas the model is
+    evaluated at, one per step, decreasing; a sigma between two of them belongs to the nearer one (samplers such as
+    Heun evaluate in between)."""
+    midpoints = (step_sigmas[:-1] + step_sigmas[1:]) / 2
+    return int((midpoints > sigma).sum())
 
 
 def make_scheduler(sampler: str, steps: int, shift: float):
@@ -229,12 +250,12 @@ def zero_references(reference_latents: torch.Tensor, uncond_references: str) -> 
 
 
 def _guidance_passes(prompt_embeds, negative_embeds, reference_latents, settings: SamplingSettings,
-                     three_pass: bool = True):
+                     mode: str = THREE_PASS):
     """The passes with a non-zero weight in the guidance formula of a step."""
     # Zero-padded text tokens still enter cross-attention (as in Wan, which pads to 512), so both prompts get the
     # same length whether the passes run batched or one by one.
     prompt_embeds, negative_embeds = _pad_text([prompt_embeds, negative_embeds]).split(1)
-    weights = guidance_weights(settings.image_scale, settings.text_scale, three_pass)
+    weights = guidance_weights(settings.image_scale, settings.text_scale, mode)
     inputs = ((negative_embeds, zero_references(reference_latents, settings.uncond_references)),
               (negative_embeds, reference_latents), (prompt_embeds, reference_latents))
     return [_Pass(name, w, text, refs) for name, w, (text, refs) in zip(PASS_NAMES, weights, inputs) if w != 0.0]
@@ -245,7 +266,7 @@ class _Velocity:
     per forward with a cache hook, which keeps a state per pass, and after an out-of-memory error). One per run: it
     owns the run's text K/V caches (with `text_kv_cache`), one per forward's group of passes."""
 
-    def __init__(self, dit, schedule: dict[bool, list[_Pass]], settings: SamplingSettings, batch_passes: bool,
+    def __init__(self, dit, schedule: dict[str, list[_Pass]], settings: SamplingSettings, batch_passes: bool,
                  calibration: MagCalibration | None = None):
         self.dit, self.schedule, self.settings, self.calibration = dit, schedule, settings, calibration
         self.cached = settings.cache != "none"
@@ -275,7 +296,7 @@ class _Velocity:
         return list(out.float().cpu().split(1))
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, sigma=None) -> torch.Tensor:
-        passes = self.schedule[three_pass_at(self.settings, self.step)]
+        passes = self.schedule[self.settings.guidance_at(self.step)]
         self.step += 1
         if not passes:
             return torch.zeros_like(latents)
@@ -364,7 +385,7 @@ def sample_r2v(
     check_text_embeddings({"prompt embeddings": prompt_embeds, "negative prompt embeddings": negative_prompt_embeds},
                           dit.config.text_dim)
     texts = (prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float())
-    schedule = {three: _guidance_passes(*texts, settings, three) for three in (True, False)}
+    schedule = {mode: _guidance_passes(*texts, settings, mode) for mode in GUIDANCE_MODES}
 
     def diagnose() -> str:
         broken = first_non_finite(dit)
@@ -391,7 +412,8 @@ def _cache_config(dit, settings: SamplingSettings, run, memo: dict, cancel_check
     mag_ratios = None
     if settings.cache == "magcache":
         # the ratios belong to these weights (LoRAs included) and this schedule
-        key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps, tuple(applied_loras(dit)))
+        key = (settings.sampler, settings.steps, settings.shift, settings.guidance_steps, settings.image_guidance_start,
+               settings.image_guidance_end, settings.reference_strength, tuple(applied_loras(dit)))
         if key not in memo:
             logger.warning("MagCache: calibrating its magnitude ratios on this model (one uncached run of %d steps; "
                            "kept in mag_ratio_memo for this schedule)", settings.steps)

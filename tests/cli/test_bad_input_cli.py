@@ -15,6 +15,7 @@ CASES = [
     Case("image scale nan", generate("--image-scale", "nan"), 2, "image_scale"),
     Case("text scale inf", generate("--text-scale", "inf"), 2, "text_scale"),
     Case("reference strength 3", generate("--reference-strength", "3"), 2, "reference_strength"),
+    Case("image guidance end above 1", generate("--image-guidance-end", "1.5"), 2, "image_guidance_end"),
     Case("seed negative", generate("--seed", "-1"), 2, "seed"),
     Case("seed 2^64", generate("--seed", str(2 ** 64)), 2, "seed"),
     Case("guidance steps above steps", generate("--steps", "4", "--guidance-steps", "9"), 2, "guidance_steps"),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from refalign_core.inference.acceleration import attention_backend, set_attention_backend
 from refalign_core.inference.caching import CACHES
 from refalign_core.errors import RefAlignInputError
-from refalign_core.inference.sampler import SamplingSettings, one_pass_below, sample_r2v
+from refalign_core.inference.sampler import SamplingSettings, sample_r2v, step_at_sigma
 from tiny_models import TINY_DIT
 
 TEXT = TINY_DIT["text_dim"]
@@ -57,13 +57,41 @@ def test_guidance_steps_run_three_passes_then_the_prompt_pass(dit):
     torch.testing.assert_close(single, conditional, rtol=1e-5, atol=1e-5)
 
 
-def test_one_pass_threshold_matches_the_step_rule():
+def test_step_at_sigma_finds_the_step_of_a_sigma_on_and_between_the_grid():
     sigmas = torch.tensor([0.9, 0.7, 0.5, 0.3])
-    settings = SamplingSettings(steps=4, guidance_steps=2)
-    threshold = one_pass_below(settings.guidance_steps, sigmas)
-    assert [bool(s >= threshold) for s in sigmas] == [True, True, False, False]
-    assert one_pass_below(SamplingSettings(steps=4).guidance_steps, sigmas) is None
-    assert one_pass_below(SamplingSettings(steps=4, guidance_steps=0).guidance_steps, sigmas) == float("inf")
+    assert [step_at_sigma(float(s), sigmas) for s in sigmas] == [0, 1, 2, 3]
+    assert [step_at_sigma(s, sigmas) for s in (1.0, 0.85, 0.75, 0.31, 0.0)] == [0, 0, 1, 3, 3]
+
+
+@pytest.mark.parametrize("changes,modes", [
+    ({}, ["three_pass"] * 4),
+    ({"guidance_steps": 2}, ["three_pass"] * 2 + ["prompt_only"] * 2),
+    ({"image_guidance_start": 0.25, "image_guidance_end": 0.75}, ["no_image_pass", "three_pass", "three_pass",
+                                                                  "no_image_pass"]),
+    ({"image_guidance_end": 0.5, "guidance_steps": 3}, ["three_pass", "three_pass", "no_image_pass", "prompt_only"]),
+    ({"image_guidance_start": 0.5, "image_guidance_end": 0.5}, ["no_image_pass"] * 4),
+])
+def test_the_step_schedule_of_guidance_steps_and_the_image_window(changes, modes):
+    settings = SamplingSettings(steps=4, **changes)
+    assert [settings.guidance_at(step) for step in range(4)] == modes
+
+
+def test_the_image_window_skips_the_image_pass_outside_it_and_is_exact_at_full_range(dit):
+    calls, _, handles = passes_run(dit)
+    try:
+        out = sample_r2v(dit, *inputs(), SETTINGS.replace(image_guidance_start=0.25, image_guidance_end=0.5))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # steps 2 and 3 (2/8, 3/8) are in the window; the others batch u and c_txt
+    assert calls == [2, 2, 3, 3, 2, 2, 2, 2]
+    assert torch.equal(sample_r2v(dit, *inputs(), SETTINGS.replace(image_guidance_start=0.0, image_guidance_end=1.0)),
+                       sample_r2v(dit, *inputs(), SETTINGS))
+    assert not torch.allclose(out, sample_r2v(dit, *inputs(), SETTINGS))
+    # outside the window the step is two-pass CFG between u and c_txt: with s_img = s_txt the formulas agree
+    same = SETTINGS.replace(image_scale=SETTINGS.text_scale)
+    torch.testing.assert_close(sample_r2v(dit, *inputs(), same.replace(image_guidance_end=0.0)),
+                               sample_r2v(dit, *inputs(), same), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache", [c for c in CACHES if c != "none"])

@@ -33,7 +33,14 @@ CASES = [
     Case("node identity without references", api(lambda i, o: node(o, "RefAlignIdentityCheck",
                                                                    torch.rand(3, 32, 32, 3), False, 8)),
          RefAlignInputError, "no references"),
+    Case("node sampler image-guidance window reversed",
+         api(lambda i, o: node(o, "RefAlignR2VSampler", None, None, None, None, None, 64, 64, 5, 4, 5.0, 5.0, 7.5, 0,
+                               "euler", "zeros_per_reference", image_guidance_start=0.8, image_guidance_end=0.2)),
+         RefAlignInputError, "image_guidance_start"),
+    Case("node guider reference strength 3",
+         api(lambda i, o: node(o, "RefAlignGuider", None, None, None, None, 5.0, 7.5, reference_strength=3.0)),
+         RefAlignInputError, "reference_strength"),
 ]
 
 
-test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 6)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 8)

@@ -355,12 +355,12 @@ def test_subject_conditioning_warns_above_three_references_and_refuses_bad_sizes
         node.execute(cond, cond, FakeWanVAE(), four, 64, 48, 16, 1, "zeros_per_reference")
 
 
-@pytest.mark.parametrize("guidance_steps,passes", [(None, [3, 3, 3, 3]), (2, [3, 3, 1, 1]), (0, [1, 1, 1, 1]),
-                                                     (9, [3, 3, 3, 3])])
-def test_guider_runs_three_passes_on_the_first_guidance_steps_of_its_sigmas(native, monkeypatch, guidance_steps,
-                                                                              passes):
-    """The RefAlign Guider turns a step count into the core's sigma threshold (`one_pass_below`) for whatever sigmas
-    SamplerCustomAdvanced gives it; after it only c_txt runs."""
+@pytest.mark.parametrize("guidance_steps,window,passes", [
+    (None, (0.0, 1.0), [3, 3, 3, 3]), (2, (0.0, 1.0), [3, 3, 1, 1]), (0, (0.0, 1.0), [1, 1, 1, 1]),
+    (9, (0.0, 1.0), [3, 3, 3, 3]), (None, (0.5, 1.0), [2, 2, 3, 3]), (3, (0.25, 0.5), [2, 3, 2, 1])])
+def test_guider_follows_the_core_step_schedule_on_its_sigmas(native, monkeypatch, guidance_steps, window, passes):
+    """The RefAlign Guider finds the step of each sigma SamplerCustomAdvanced gives it (`step_at_sigma`) and runs
+    that step's passes by the core's rule (`guidance_mode`): guidance_steps, then the image-guidance window."""
     calls = []
 
     class CFGGuider:  # ComfyUI's guider, reduced to what ours uses: one predict_noise per sigma but the last
@@ -383,17 +383,91 @@ def test_guider_runs_three_passes_on_the_first_guidance_steps_of_its_sigmas(nati
     guider.set_conds([], [], [])
     guider.set_scales(5.0, 7.5)
     guider.set_guidance_steps(guidance_steps)
+    guider.set_image_guidance(*window)
     out = guider.sample(None, torch.ones(1), None, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.0]))
     assert calls == passes
-    assert all(torch.allclose(x, torch.ones(1)) for x in out)  # the weights sum to 1 in both modes
+    assert all(torch.allclose(x, torch.ones(1)) for x in out)  # the weights sum to 1 in every mode
     native.guider_class.cache_clear()
 
 
-def test_the_native_path_refuses_a_reference_strength_it_does_not_apply(native):
-    """reference_strength is in the core only so far: a native run asked for another one is one clear error, not a
-    silent run at 1."""
-    from refalign_core.errors import RefAlignInputError
-    from refalign_core.inference.sampler import SamplingSettings
+def attention(q, k, v, heads, mask=None, **kwargs):
+    """ComfyUI's attention call on `[B, L, heads·d]` (as `attention_pytorch`: a 2-D mask broadcasts over B, heads)."""
+    b, d = q.shape[0], q.shape[-1] // heads
+    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, -1, heads * d)
 
-    with pytest.raises(RefAlignInputError, match="reference_strength 0.5"):
-        native.NativeDenoiser(model=None)(None, None, SamplingSettings(reference_strength=0.5))
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 2.0])
+def test_reference_key_bias_scales_the_attention_to_the_reference_keys_in_self_attention_only(native, strength):
+    """The native reference_strength: log(strength) added to the reference keys' logits, as the core DiT's bias;
+    the video-only cross-attention passes through untouched."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 8, generator=g) for _ in range(3))
+    override = native.ReferenceKeyBias(strength, video_tokens=6)
+    got = override(attention, q, k, v, heads=2)
+    # the oracle: softmax weights on the reference keys multiplied by strength, then renormalised
+    qh, kh, vh = (t.view(2, 10, 2, 4).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(qh @ kh.transpose(-1, -2) / 2.0, dim=-1)
+    weights[..., 6:] *= strength
+    expected = (weights / weights.sum(-1, keepdim=True) @ vh).transpose(1, 2).reshape(2, 10, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    text = torch.randn(2, 5, 8, generator=g)
+    assert torch.equal(override(attention, q[:, :6], text, text, heads=2), attention(q[:, :6], text, text, heads=2))
+    # another pack's override that was there first is still called, with the bias
+    seen = []
+    chained = native.ReferenceKeyBias(strength, 6, previous=lambda func, *a, **kw: seen.append(kw["mask"]) or func(*a, **kw))
+    torch.testing.assert_close(chained(attention, q, k, v, heads=2), got)
+    assert seen[0].shape == (1, 10)
+
+
+def test_the_guider_hands_a_reference_strength_other_than_1_to_the_model(native, monkeypatch):
+    """Only a strength ≠ 1 reaches transformer_options (the default run is the one it always was), and the wrapper
+    turns it into the attention override when reference frames are present."""
+    options = []
+
+    class CFGGuider:
+        def __init__(self, model):
+            self.inner_model = model
+
+        def inner_set_conds(self, conds):
+            self.conds = conds
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            return [self.predict_noise(latent_image, sigma[None], {"transformer_options": {"x": 1}})
+                    for sigma in sigmas[:-1]]
+
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.CFGGuider = CFGGuider
+    samplers.calc_cond_batch = lambda model, conds, x, t, opts: options.append(opts) or [x] * len(conds)
+    monkeypatch.setitem(sys.modules, "comfy.samplers", samplers)
+    monkeypatch.setattr(sys.modules["comfy"], "samplers", samplers, raising=False)
+    native.guider_class.cache_clear()
+    try:
+        for strength in (1.0, 0.5):
+            guider = native.guider_class()(None)
+            guider.set_conds([], [], [])
+            guider.set_scales(5.0, 7.5)
+            guider.set_reference_strength(strength)
+            guider.sample(None, torch.ones(1), None, torch.tensor([1.0, 0.5, 0.0]))
+    finally:
+        native.guider_class.cache_clear()
+    assert options[0] == {"transformer_options": {"x": 1}}
+    assert options[-1] == {"transformer_options": {"x": 1, native.REFERENCE_STRENGTH: 0.5}}
+
+    class Executor:  # ComfyUI's WrapperExecutor around WanModel._forward: records the options it is handed
+        class_obj = types.SimpleNamespace(patch_size=(1, 2, 2))
+
+        def __call__(self, x, timestep, context, clip_fea, time_dim_concat, transformer_options):
+            self.options = transformer_options
+
+    def wrapper_options(options, references):  # a 3-frame 4×4 latent: 3·2·2 = 12 video tokens
+        executor = Executor()
+        native.count_video_tokens(executor, torch.zeros(1, 16, 3, 4, 4), torch.zeros(1), torch.zeros(1, 2, 8), None,
+                                  references, options)
+        return executor.options
+
+    bias = wrapper_options({native.REFERENCE_STRENGTH: 0.5}, torch.zeros(1, 16, 1, 4, 4))[native.ATTENTION_OVERRIDE]
+    assert isinstance(bias, native.ReferenceKeyBias) and (bias.strength, bias.video_tokens) == (0.5, 12)
+    assert native.ATTENTION_OVERRIDE not in wrapper_options({native.REFERENCE_STRENGTH: 0.5}, None)
+    assert native.ATTENTION_OVERRIDE not in wrapper_options({}, torch.zeros(1, 16, 1, 4, 4))
