@@ -17,7 +17,10 @@ def reference_conditionings(positive, negative, vae, references, settings: Sampl
     """(positive, negative_text, negative_img_text, LATENT): RefAlign's three conditionings and the empty latent."""
     import comfy.latent_formats
 
-    reference_latents = ComfyVAECodec(vae).encode_raw(references.fitted(settings.width, settings.height))
+    codec = ComfyVAECodec(vae)
+    encoded = references.latents(settings.width, settings.height)  # encoded once (Load Encoded References)
+    reference_latents = codec.encode_raw(references.fitted(settings.width, settings.height)) if encoded is None \
+        else codec.to_vae_space(encoded)
     zeros = zero_references(reference_latents, settings.uncond_references)
     uncond = comfy.latent_formats.Wan21().process_out(zeros)  # exact zeros again after the model's process_in
     conds = subject_conditioning(positive, negative, reference_latents, uncond)
@@ -39,7 +42,8 @@ class RefAlignSubjectConditioning(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt (Wan text encoder); describe each subject."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt."),
                 io.Vae.Input("vae", tooltip="The Wan2.1 VAE."),
-                REFERENCES.Input("references", tooltip="From RefAlign Multi-Subject Reference (≤ 3 recommended)."),
+                REFERENCES.Input("references", tooltip="From RefAlign Multi-Subject Reference (≤ 3 recommended), or "
+                                 "encoded once by RefAlign Save / Load Encoded References."),
                 *video_size_inputs(),
                 io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Videos per run."),
                 uncond_references_input(),

@@ -49,10 +49,15 @@ def default_backbone():
 def identity_outputs(frames, references=None, reference_images=None, clip_vision=None, faces: bool = False,
                      sample_frames: int = 32):
     """(overall, subject_1..4, report text, sheet `[1, H, W, 3]`, ui) for generated frames `[T, H, W, 3]`."""
-    if references is not None:
+    if references is not None and references.references:
         refs, masks = references.images, references.masks
     elif reference_images is not None:
         refs, masks = list(reference_images), None
+    elif references is not None and references.encoded is not None:
+        raise RefAlignInputError(f"references: {references.encoded.source or 'these'} are encoded references (RefAlign "
+                                 "Load Encoded References), which carry no images, and the Identity Check compares "
+                                 "images; connect the subject images to reference_images (or the references from "
+                                 "Multi-Subject Reference or Save Encoded References)")
     else:
         raise RefAlignInputError("no references: connect references (REFALIGN_REFS) or reference_images")
     if len(refs) > MAX_SUBJECTS:

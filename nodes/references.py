@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from refalign_core.errors import RefAlignInputError
+from refalign_core.inference.reference_files import EncodedReferences
 from refalign_core.inference.references import MAX_REFERENCES, RECOMMENDED_MAX_REFERENCES, Reference, prepare_references
 
 REFERENCES = io.Custom("REFALIGN_REFS")  # a ReferenceSet
@@ -14,9 +15,24 @@ REFERENCES = io.Custom("REFALIGN_REFS")  # a ReferenceSet
 @dataclass
 class ReferenceSet:
     """What flows along a REFALIGN_REFS link: the subjects (image `[H, W, C]` in [0, 1], optional mask, name),
-    fitted at the sampler's size."""
+    fitted at the sampler's size; and / or their latents encoded once (RefAlign Save / Load Encoded References: DiT
+    space, fitted at one size), which the sampler and Subject Conditioning then use instead of encoding the images.
+    A set loaded from a file has latents only (`references` empty)."""
 
     references: list[Reference] = field(default_factory=list)
+    encoded: EncodedReferences | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.references) or (self.encoded.count if self.encoded is not None else 0)
+
+    def latents(self, width: int, height: int, what: str = "references") -> torch.Tensor | None:
+        """The encoded latents `[1, C, K, height/8, width/8]` (DiT space), refused with one error when they were
+        fitted at another size; None when the set holds images only."""
+        if self.encoded is None:
+            return None
+        self.encoded.check_size(width, height, what)
+        return self.encoded.latents
 
     @property
     def images(self) -> list[torch.Tensor]:
@@ -28,6 +44,10 @@ class ReferenceSet:
 
     def fitted(self, width: int, height: int) -> torch.Tensor:
         """`[K, 3, height, width]` aspect-fitted on white (masked backgrounds whitened)."""
+        if not self.references and self.encoded is not None:
+            raise RefAlignInputError(f"references: {self.encoded.source or 'these references'} holds encoded "
+                                     "references only, no images (RefAlign Load Encoded References); connect the "
+                                     "subject images through RefAlign Multi-Subject Reference for this")
         return prepare_references(self.references, width, height, max_references=MAX_REFERENCES)
 
 

@@ -41,18 +41,20 @@ def check_interrupted() -> bool:
     return False
 
 
-def register_model_folder() -> None:
-    """Registers `models/refalign` (listed with `models/diffusion_models`; the folder is not created)."""
+def register_model_folder(name: str = "refalign", extensions=None) -> None:
+    """Registers `models/<name>` with ComfyUI's `folder_paths` (default `models/refalign`, listed with
+    `models/diffusion_models`), for files with `extensions` (default: ComfyUI's weight files); the folder is not
+    created. A path that extra_model_paths.yaml registered under that name first stays first."""
     if not comfy_available():
         return
     import folder_paths
-    path = os.path.join(folder_paths.models_dir, "refalign")
-    if "refalign" in folder_paths.folder_names_and_paths:
-        paths, _ = folder_paths.folder_names_and_paths["refalign"]
+    path = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, _ = folder_paths.folder_names_and_paths[name]
         if path not in paths:
             paths.append(path)
     else:
-        folder_paths.folder_names_and_paths["refalign"] = ([path], set(folder_paths.supported_pt_extensions))
+        folder_paths.folder_names_and_paths[name] = ([path], set(extensions or folder_paths.supported_pt_extensions))
 
 
 def model_files() -> list[str]:

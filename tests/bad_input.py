@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 
 from refalign_core.__main__ import main as cli
 from refalign_core.inference.bundles import BUNDLE_FILE, read_bundle
-from refalign_core.inference.pipeline import RefAlignPipeline
+from refalign_core.inference.pipeline import RefAlignPipeline, VAECodec
+from refalign_core.inference.reference_files import save_reference_latents
 from refalign_core.models.checkpoint import save_dit
 from refalign_core.models.safetensors_io import read_safetensors
 from refalign_core.toy import MODELS_FOLDER
 
-from tiny_models import tiny_dit
+from tiny_models import tiny_dit, tiny_vae
 
 TOY = MODELS_FOLDER / "refalign_toy"
 
@@ -54,6 +55,7 @@ def make_inputs(root: Path) -> Path:
               root / "nan_refs.safetensors")
     save_file({"reference_latents": torch.zeros(1, 16, 1, 4, 4)}, root / "small_refs.safetensors")
     save_file({"prompt_embeds": torch.full((1, 4, 64), float("nan"))}, root / "nan_prompt.safetensors")
+    make_reference_files(root, toy.width, toy.height)
     dit = tiny_dit(0, num_attention_heads=4, attention_head_dim=32)
     save_dit(dit, root / "toy_dit.safetensors")
     tensors, _ = read_safetensors(root / "toy_dit.safetensors")
@@ -86,6 +88,21 @@ def make_inputs(root: Path) -> Path:
     (root / "not.json").write_text("{")
     (root / "prompts.txt").write_text("a disc --ref ref.png --w 65\n")
     return root
+
+
+def make_reference_files(root: Path, width: int, height: int) -> None:
+    """Encoded-reference files (`reference_files`) that the toy bundle must refuse: fitted for it by another VAE
+    (a tiny random one), fitted at another size, of a format version to come, with unreadable metadata."""
+    grid = lambda w, h: torch.zeros(1, 16, 1, h // 8, w // 8)  # noqa: E731
+    save_reference_latents(root / "other_vae_refs.safetensors", grid(width, height), width=width, height=height,
+                           vae_probe=VAECodec(tiny_vae(seed=1)))
+    probe = torch.ones(1, 16, 1, 4, 4)
+    save_reference_latents(root / "small_size_refs.safetensors", grid(64, 64), width=64, height=64, vae_probe=probe)
+    path = save_reference_latents(root / "future_refs.safetensors", grid(32, 32), width=32, height=32,
+                                  vae_probe=probe)
+    tensors, metadata = read_safetensors(path)
+    save_file(tensors, path, metadata=metadata | {"version": "9"})
+    save_file(tensors, root / "broken_meta_refs.safetensors", metadata=metadata | {"vae_probe": "{"})
 
 
 def generate(*extra, ref=True):

@@ -84,6 +84,35 @@ def test_cli_generate_from_precomputed_embeddings_matches_direct_run(bundle, ref
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_encode_references_writes_the_checked_format_and_generate_gives_the_same_video_bit_for_bit(
+        bundle, ref_images, tmp_path, caplog):
+    """The file encode-references writes carries its size, names and VAE probe; generate checks them against its
+    VAE and size and samples exactly what it samples from the images. A file without metadata (as encode-references
+    wrote before) gives the same latents, with a warning that it cannot be checked."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    common = ["--width", "48", "--height", "32", "--num-frames", "5", "--steps", "2", "--seed", "5"]
+    assert main(["encode-references", "--vae", str(bundle / "vae.safetensors"), "--ref", ref_images[0], "--ref",
+                 ref_images[1], "--width", "48", "--height", "32", "--out", str(tmp_path / "r.safetensors")]) == 0
+    with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["width"], metadata["height"], json.loads(metadata["names"])) == ("48", "32",
+                                                                                       ["ref0.png", "ref1.png"])
+    generate = ["generate", "--bundle", str(bundle), "--prompt", "a red ball", *common]
+    assert main(generate + ["--ref", ref_images[0], "--ref", ref_images[1],
+                            "--save-latents", str(tmp_path / "images.safetensors")]) == 0
+    assert main(generate + ["--reference-latents", str(tmp_path / "r.safetensors"),
+                            "--save-latents", str(tmp_path / "file.safetensors")]) == 0
+    save_file(load_file(tmp_path / "r.safetensors"), tmp_path / "old.safetensors")  # the same tensor, no metadata
+    assert "no RefAlign metadata" not in caplog.text
+    assert main(generate + ["--reference-latents", str(tmp_path / "old.safetensors"),
+                            "--save-latents", str(tmp_path / "old_file.safetensors")]) == 0
+    assert "--reference-latents" in caplog.text and "no RefAlign metadata" in caplog.text
+    latents = {name: load_file(tmp_path / f"{name}.safetensors")["latents"] for name in ("images", "file", "old_file")}
+    assert torch.equal(latents["file"], latents["images"]) and torch.equal(latents["old_file"], latents["images"])
+
+
 def test_cli_reports_bad_input_as_one_clear_error(bundle, ref_images, tmp_path, capsys):
     code = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--ref", ref_images[0], "--num-frames", "8",
                  "--out", str(tmp_path / "v.mp4")])
@@ -135,8 +164,10 @@ def test_pack_entry_point_and_registry_metadata():
             "import refalign_core\n"
             "print(len(nodes), refalign_core.__file__, sorted(m for m in sys.modules if '.refalign_core' in m))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.split() == ["True", "False", "[]", "8", str(ROOT / "refalign_core" / "__init__.py"), "[]"], \
-        result.stdout + result.stderr
+    listed = next(node.value for node in ast.parse((ROOT / "nodes" / "__init__.py").read_text()).body
+                  if isinstance(node, ast.Assign) and node.targets[0].id == "NODES")  # every node of `NODES`
+    assert result.stdout.split() == ["True", "False", "[]", str(len(listed.elts)),
+                                     str(ROOT / "refalign_core" / "__init__.py"), "[]"], result.stdout + result.stderr
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()
     comfy = project["tool"]["comfy"]

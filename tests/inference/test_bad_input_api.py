@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
+from refalign_core.inference.pipeline import VAECodec
+from refalign_core.inference.reference_files import load_reference_latents, save_reference_latents
 from refalign_core.inference.references import Reference, fit_on_white, prepare_references, to_chw
 from refalign_core.inference.video_io import load_image, write_video
 from refalign_core.metrics.identity import check_identity
@@ -18,7 +20,7 @@ from refalign_core.models.safetensors_io import read_safetensors
 from refalign_core.models.vae import load_vae
 
 from bad_input import Case, api, table_test, toy_pipe
-from tiny_models import tiny_dit
+from tiny_models import tiny_dit, tiny_vae
 
 CASES = [
     # Python API
@@ -50,6 +52,17 @@ CASES = [
          "index"),
     Case("VAE class not allowed", api(lambda i, o: load_vae(i / "odd_vae.safetensors")), RefAlignInputError,
          "os.system"),
+    Case("reference file NaN latents", api(lambda i, o: save_reference_latents(
+        o / "r.safetensors", torch.full((1, 16, 1, 4, 4), math.nan), width=32, height=32,
+        vae_probe=torch.zeros(1, 16, 1, 4, 4))), RefAlignInputError, "NaN"),
+    Case("reference file latents of another size", api(lambda i, o: save_reference_latents(
+        o / "r.safetensors", torch.zeros(1, 16, 1, 4, 4), width=64, height=32, vae_probe=torch.zeros(1, 16, 1, 4, 4))),
+         RefAlignInputError, "but this run is 64x32"),
+    Case("reference file of a later version", api(lambda i, o: load_reference_latents(i / "future_refs.safetensors")),
+         RefAlignInputError, "version 9"),
+    Case("reference file from another VAE", api(lambda i, o: load_reference_latents(
+        i / "other_vae_refs.safetensors", vae_probe=VAECodec(tiny_vae(seed=0)))), RefAlignInputError,
+         "encoded with another VAE"),
     Case("video fps nan", api(lambda i, o: write_video(torch.rand(3, 16, 16, 3), o / "v.mp4", fps=math.nan)),
          RefAlignInputError, "fps"),
     Case("video frames shape", api(lambda i, o: write_video(torch.rand(16, 16, 3), o / "v.mp4")),
@@ -57,7 +70,7 @@ CASES = [
 ]
 
 
-test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 14)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 18)
 
 
 def test_inputs_that_used_to_go_silently_wrong(bad_inputs, tmp_path):
