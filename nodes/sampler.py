@@ -96,7 +96,9 @@ def sample_video(model, positive, negative, vae, references, settings: SamplingS
     check_vae(model, vae)
     codec = ComfyVAECodec(vae)
     result = generate(NativeDenoiser(model, previews), codec, (positive, negative), settings,
-                      references=references.references, cancel_check=runtime.check_interrupted)
+                      references=references.references,
+                      reference_latents=references.latents(settings.width, settings.height),
+                      cancel_check=runtime.check_interrupted)
     out = runtime.intermediate_device()
     return result.frames.clamp(0, 1).to(out), {"samples": codec.to_vae_space(result.latents).to(out)}
 

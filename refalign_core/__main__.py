@@ -19,7 +19,8 @@ from .inference.acceleration import ATTENTION_BACKENDS
 from .inference.bundles import Bundle, read_bundle
 from .inference.caching import CACHES
 from .inference.memory import check_memory, memory_estimate
-from .inference.pipeline import PipelineSpec, RefAlignPipeline, load_pipeline
+from .inference.pipeline import PipelineSpec, RefAlignPipeline, VAECodec, load_pipeline
+from .inference.reference_files import load_reference_latents, save_reference_latents
 from .inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
 from .inference.sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
                                 check_text_embeddings)
@@ -224,9 +225,18 @@ def _checked_files(args, spec: PipelineSpec, bundle: Bundle | None) -> list[tupl
     return outputs
 
 
-def _given_tensors(args, settings: SamplingSettings) -> dict[str, torch.Tensor]:
-    """The prompt embeddings and reference latents given as files (checked), as `RefAlignPipeline` keywords; a
-    prompt or references must come from somewhere."""
+def _reference_latents(path: str, settings: SamplingSettings, vae) -> torch.Tensor:
+    """--reference-latents, checked against this run's size and, for a file with metadata when the run has a VAE,
+    against that VAE (`reference_files`): the VAE file is read on the CPU for its probe, before the DiT loads."""
+    encoded = load_reference_latents(path, width=settings.width, height=settings.height, what="--reference-latents")
+    if encoded.checked and vae:
+        encoded.check_vae(VAECodec(load_vae(vae)), "--reference-latents")
+    return encoded.latents
+
+
+def _given_tensors(args, settings: SamplingSettings, vae=None) -> dict[str, torch.Tensor]:
+    """The prompt embeddings and reference latents given as files (checked; `vae`: the run's VAE file, if any), as
+    `RefAlignPipeline` keywords; a prompt or references must come from somewhere."""
     for text, option in ((args.prompt, "--prompt"), (args.negative_prompt, "--negative-prompt")):
         if text is not None:
             check_prompt_text(text, option)
@@ -238,8 +248,8 @@ def _given_tensors(args, settings: SamplingSettings) -> dict[str, torch.Tensor]:
     elif args.prompt is None:
         raise RefAlignInputError("--prompt or --prompt-embeds is required")
     if args.reference_latents:
-        latents = _tensors(args.reference_latents, "--reference-latents", "reference_latents")["reference_latents"]
-        check_reference_latents(latents, settings, latents.shape[1] if latents.ndim == 5 else 16)
+        latents = _reference_latents(args.reference_latents, settings, vae)
+        check_reference_latents(latents, settings, latents.shape[1])
         embeds["reference_latents"] = latents
     elif not args.ref:
         raise RefAlignInputError("at least one --ref image (or --reference-latents) is required")
@@ -258,7 +268,7 @@ def cmd_generate(args) -> None:
     dit, vae, text_encoder, _, fps = spec.model_files()
     if args.out:
         video_rate(fps, args.out, settings.num_frames, "--fps")
-    embeds = _given_tensors(args, settings)
+    embeds = _given_tensors(args, settings, vae)
     _check_run_fits(args, dit, vae, text_encoder, settings, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
@@ -314,7 +324,8 @@ def cmd_encode_references(args) -> None:
         _hold(stack, [(args.out, "--out")])
         vae = load_vae(args.vae, dtype=DTYPES[args.compute_dtype], device=args.device)
         latents = encode_references(vae, fitted)
-        write_safetensors({"reference_latents": latents}, args.out)
+        save_reference_latents(args.out, latents, width=args.width, height=args.height, vae_probe=VAECodec(vae),
+                               names=[Path(path).name for path in args.ref], what="--out")
     print(f"reference latents {tuple(latents.shape)}: {args.out}")
 
 

@@ -73,6 +73,17 @@ CASES = [
     Case("reference latents of another size", command("generate", "--bundle", TOY, "--prompt", "a",
                                                       "--reference-latents", "{i}/small_refs.safetensors", "--out",
                                                       "{o}/v.mp4"), 2, "reference latents"),
+    Case("reference latents from another VAE", command("generate", "--bundle", TOY, "--prompt", "a",
+                                                       "--reference-latents", "{i}/other_vae_refs.safetensors",
+                                                       "--out", "{o}/v.mp4"), 2,
+         "other_vae_refs.safetensors: the references were encoded with another VAE"),
+    Case("reference latents fitted at another size", command("generate", "--bundle", TOY, "--prompt", "a",
+                                                             "--reference-latents", "{i}/small_size_refs.safetensors",
+                                                             "--out", "{o}/v.mp4"), 2,
+         "fitted at 64x64, but this run is 128x128"),
+    Case("reference latents metadata unreadable", command("generate", "--bundle", TOY, "--prompt", "a",
+                                                          "--reference-latents", "{i}/broken_meta_refs.safetensors",
+                                                          "--out", "{o}/v.mp4"), 2, "metadata is unreadable"),
     Case("prompt embeds NaN", command("generate", "--bundle", TOY, "--prompt-embeds", "{i}/nan_prompt.safetensors",
                                       "--ref", "{i}/ref.png", "--out", "{o}/v.mp4"), 2, "NaN"),
     # bundles
@@ -97,4 +108,4 @@ CASES = [
 ]
 
 
-test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 51)
+test_bad_input_is_one_clear_error_before_any_output = table_test(CASES, 54)

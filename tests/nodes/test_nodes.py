@@ -21,7 +21,8 @@ from refalign_core.models.vae import load_vae, wan21_latent_stats
 
 EMBEDDED_MODEL = next(iter(EMBEDDED))
 NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck",
-            "RefAlignModelPatch", "RefAlignSubjectConditioning", "RefAlignGuider", "RefAlignExampleImage"]
+            "RefAlignModelPatch", "RefAlignSubjectConditioning", "RefAlignGuider", "RefAlignExampleImage",
+            "RefAlignSaveEncodedReferences", "RefAlignLoadEncodedReferences"]
 PATCH_KEY = "refalign"
 
 
