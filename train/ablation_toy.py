@@ -38,10 +38,11 @@ from tqdm import tqdm
 
 from refalign_core.inference.bundles import read_bundle
 from refalign_core.inference.pipeline import RefAlignPipeline
-from refalign_core.inference.references import Reference, encode_references
+from refalign_core.inference.references import encode_references
+from refalign_core.toy.cases import held_out_cases, interval, judged
 from refalign_core.toy.judge import HEADS, WorldJudge, through_vae
 from refalign_core.toy.teacher import pooled_tokens, reference_set, retrieval_scores, subject_token_mask
-from refalign_core.toy.world import BACKGROUND, all_subjects, caption, reference_image, render_clip, sample_case
+from refalign_core.toy.world import all_subjects, caption
 from refalign_core.models.vfm import load_vfm
 
 SHIPPED = {"RefAlign": "refalign_toy", "baseline": "refalign_toy_baseline"}
@@ -55,14 +56,6 @@ REPRESENTATION = {"retrieval": "retrieval accuracy ↑", "same": "same-subject c
                   "cross": "cross-subject cosine ↓"}
 CEILING = "world clip (judge ceiling)"
 VAE_CEILING = "world clip through the VAE (DiT ceiling)"
-
-
-def interval(values, seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
-    """Mean and 95 % percentile-bootstrap interval."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
-    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 @torch.no_grad()
@@ -83,30 +76,6 @@ def dit_embeddings(pipe: RefAlignPipeline, images: torch.Tensor, blocks: list[in
         for b in blocks:
             out[b].append(features[b][0][token_mask].mean(0))
     return {b: torch.stack(x) for b, x in out.items()}
-
-
-def judged(verdict) -> dict[str, float]:
-    """A verdict's numbers: means over subjects, and the top lane apart from the lower ones (binding by order: do the
-    lower lanes get their own subject, or the first one's?)."""
-    return {"accuracy": verdict.accuracy, "confusion": verdict.confusion,
-            "top_lane": verdict.subjects[0].accuracy,
-            "lower_lanes": float(np.mean([s.accuracy for s in verdict.subjects[1:]])),
-            **{f"attribute_{a}": float(np.mean([s.attributes[a] for s in verdict.subjects])) for a in HEADS}}
-
-
-def held_out_cases(count: int, size: int, frames: int) -> list[dict]:
-    """`count` cases of 2–3 held-out subjects (the same for every model): tracks, references, the world's clip."""
-    _, held_out = all_subjects()
-    rng = np.random.default_rng(1)
-    cases = []
-    for _ in range(count):
-        tracks = sample_case(held_out, rng, min_subjects=2, max_subjects=3)
-        subjects = [t.subject for t in tracks]
-        pairs = [reference_image(s, rng, size) for s in subjects]
-        cases.append({"tracks": tracks, "subjects": subjects,
-                      "references": [Reference(image, mask, s.id) for (image, mask), s in zip(pairs, subjects)],
-                      "truth": render_clip(tracks, BACKGROUND, frames, size)})
-    return cases
 
 
 def score_model(pipe: RefAlignPipeline, images: torch.Tensor, views: int, cases: list[dict], judge: WorldJudge,
