@@ -29,8 +29,8 @@ from refalign_core.models.checkpoint import validated_original
 from refalign_core.errors import RefAlignInputError
 from refalign_core.models.safetensors_io import read_safetensors, read_safetensors_shapes
 from refalign_core.inference.sampler import (GUIDANCE_MODES, SamplingSettings, guidance_mode, guidance_weights,
-                                             initial_noise, make_scheduler, run_schedule, step_at_sigma,
-                                             zero_references)
+                                             check_known_latents, initial_noise, make_scheduler, run_schedule,
+                                             step_at_sigma, zero_references)
 from refalign_core.models.vae import dit_to_wan21_space, wan21_to_dit_space
 
 logger = logging.getLogger(__name__)
@@ -256,9 +256,11 @@ def schedule_sampler(settings: SamplingSettings, multiplier: float = 1000.0, can
 
 
 def sample_native(model, positive, negative_text, negative_img_text, latent: torch.Tensor,
-                  settings: SamplingSettings, *, preview: bool = True, cancel_check=None) -> torch.Tensor:
+                  settings: SamplingSettings, *, preview: bool = True, cancel_check=None,
+                  denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sample through ComfyUI (guider, sampler, memory manager, previews) -> latents in the model's VAE space.
-    latent: `[B, 16, T', h, w]` in VAE space (zeros for text/reference-to-video)."""
+    latent: `[B, 16, T', h, w]` in VAE space (zeros for text/reference-to-video); denoise_mask: ComfyUI's noise mask
+    (1: denoise, 0: keep `latent`), e.g. `segment_latent`'s."""
     import latent_preview
 
     if settings.cache != "none" or settings.text_kv_cache:
@@ -276,8 +278,7 @@ def sample_native(model, positive, negative_text, negative_img_text, latent: tor
     noise = initial_noise(tuple(latent.shape), settings.seed)
     callback = latent_preview.prepare_callback(model, settings.steps) if preview else None
     samples = guider.sample(noise, latent, schedule_sampler(settings, multiplier, cancel_check), sigmas,
-                            callback=callback,
-                            seed=settings.seed)
+                            callback=callback, denoise_mask=denoise_mask, seed=settings.seed)
     return samples.float()
 
 
@@ -300,8 +301,25 @@ class ComfyVAECodec:
         images = self.vae.decode(self.to_vae_space(latents))
         return images.reshape(-1, *images.shape[-3:]).float().cpu()
 
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames `[4n+1, H, W, 3]` in [0, 1] -> `[1, 16, n+1, H/8, W/8]` in DiT space."""
+        return wan21_to_dit_space(self.vae.encode(frames[..., :3]).float().cpu())
+
     def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:
         return dit_to_wan21_space(latents)
+
+
+def segment_latent(shape: tuple[int, ...], known: torch.Tensor | None = None):
+    """(latent, noise mask) of a clip `shape` = [B, C, T', h, w] in VAE space: zeros, or a segment that starts from
+    `known` `[1, C, P, h, w]` (held: mask 0 there, 1 elsewhere). Without `known` the mask is None (all denoised)."""
+    latent = torch.zeros(shape)
+    if known is None:
+        return latent, None
+    check_known_latents(known, (1, *shape[1:]))
+    latent[:, :, :known.shape[2]] = known
+    mask = torch.ones(shape[0], 1, *shape[2:])
+    mask[:, :, :known.shape[2]] = 0.0
+    return latent, mask
 
 
 def _as_conditioning(text):
@@ -317,15 +335,18 @@ class NativeDenoiser:
 
     preview: bool = True
 
-    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
+    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None,
+                 known_latents=None) -> torch.Tensor:
         latent_format = self.model.model.latent_format
         positive, negative = (_as_conditioning(t) for t in text)
         conds = subject_conditioning(
             positive, negative, latent_format.process_out(reference_latents),
             latent_format.process_out(zero_references(reference_latents, settings.uncond_references)))
-        latent = torch.zeros(settings.latent_shape(latent_format.latent_channels))
+        shape = settings.latent_shape(latent_format.latent_channels)
+        known = None if known_latents is None else latent_format.process_out(known_latents)
+        latent, mask = segment_latent(shape, known)
         samples = sample_native(self.model, *conds, latent, settings, preview=self.preview,
-                                cancel_check=cancel_check)
+                                cancel_check=cancel_check, denoise_mask=mask)
         return latent_format.process_in(samples).cpu()
 
 

@@ -9,6 +9,7 @@
 
 from . import deprecated
 from .errors import RefAlignInputError
+from .inference.extension import Extension
 from .inference.pipeline import GenerationResult, PipelineSpec, RefAlignPipeline, generate, load_pipeline
 from .inference.references import Reference, encode_references, fit_on_white, prepare_references
 from .inference.sampler import SamplingCancelled, SamplingSettings, make_scheduler, sample_r2v, three_pass_guidance
@@ -21,7 +22,7 @@ deprecated.install()
 
 __version__ = "0.2.0"
 __all__ = [
-    "GenerationResult", "PipelineSpec", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel",
+    "Extension", "GenerationResult", "PipelineSpec", "RefAlignInputError", "RefAlignPipeline", "RefAlignTransformer3DModel",
     "Reference", "SamplingCancelled", "SamplingSettings", "generate", "load_pipeline",
     "VideoOnlyCrossAttnProcessor", "WAN_NEGATIVE_PROMPT", "decode_latents", "encode_prompts", "encode_references",
     "encode_video", "fit_on_white", "load_dit", "load_text_encoder", "load_vae", "make_scheduler",

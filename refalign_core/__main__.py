@@ -18,6 +18,7 @@ from .files import OutputLock, write_atomic
 from .inference.acceleration import ATTENTION_BACKENDS
 from .inference.bundles import Bundle, read_bundle
 from .inference.caching import CACHES
+from .inference.extension import SEAMS, Extension
 from .inference.memory import check_memory, memory_estimate
 from .inference.pipeline import PipelineSpec, RefAlignPipeline, VAECodec, load_pipeline
 from .inference.reference_files import load_reference_latents, save_reference_latents
@@ -260,6 +261,8 @@ def cmd_generate(args) -> None:
     # everything that can be wrong with the command is found before a model is loaded
     bundle = read_bundle(args.bundle) if args.bundle else None
     settings = _settings(args, bundle)
+    extension = Extension(segments=args.segments, overlap=args.overlap, color_match=args.color_match, seam=args.seam)
+    extension.check(settings)
     _check_device(args.device)
     if not args.bundle and not args.dit:
         raise RefAlignInputError("--dit (or --bundle) is required")
@@ -267,7 +270,7 @@ def cmd_generate(args) -> None:
     outputs = _checked_files(args, spec, bundle)
     dit, vae, text_encoder, _, fps = spec.model_files()
     if args.out:
-        video_rate(fps, args.out, settings.num_frames, "--fps")
+        video_rate(fps, args.out, extension.total_frames(settings.num_frames), "--fps")
     embeds = _given_tensors(args, settings, vae)
     _check_run_fits(args, dit, vae, text_encoder, settings, embeds)
     references = _references(args, (settings.width, settings.height))
@@ -277,10 +280,11 @@ def cmd_generate(args) -> None:
     with contextlib.ExitStack() as stack:
         _hold(stack, outputs)
         pipe = load_pipeline(spec)
-        if args.out and pipe.vae is None:
-            raise RefAlignInputError("--out needs a VAE (--vae or a bundle with one); use --save-latents without it")
+        if (args.out or extension.segments > 1) and pipe.vae is None:
+            raise RefAlignInputError("--out and --segments need a VAE (--vae or a bundle with one); use "
+                                     "--save-latents of one segment without it")
         preview = _preview_callback(pipe, args.preview) if args.preview else None
-        with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+        with tqdm(total=settings.steps * extension.segments, desc="sampling", unit="step") as bar:
             progress = _progress_callback(bar)
 
             def callback(step, total, latents):
@@ -289,7 +293,7 @@ def cmd_generate(args) -> None:
                     preview(step, total, latents)
 
             result = pipe(args.prompt, references or None, negative_prompt=args.negative_prompt, settings=settings,
-                          callback=callback, decode=bool(args.out), **embeds)
+                          extension=extension, callback=callback, decode=bool(args.out), **embeds)
         if args.save_latents:
             write_safetensors({"latents": result.latents}, args.save_latents)
             print(f"latents: {args.save_latents}")
@@ -375,11 +379,21 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--cache-threshold", type=float, help="first_block / magcache threshold (higher = faster)")
     g.add_argument("--cache-interval", type=int, help="taylorseer: full evaluation every N steps")
     g.add_argument("--text-kv-cache", action="store_true", help="reuse the text keys/values over the steps (exact)")
+    g.add_argument("--segments", type=int, default=1, metavar="N",
+                   help="a video of N clips, each continuing the last --overlap frames of the one before with the "
+                        "same references (default 1)")
+    g.add_argument("--overlap", type=int, default=5, metavar="FRAMES",
+                   help="frames (4n+1) each new segment starts from (default 5)")
+    g.add_argument("--color-match", action="store_true",
+                   help="match each new segment's colours to the previous one on the overlap frames")
+    g.add_argument("--seam", choices=SEAMS, default="pixels",
+                   help="pixels: re-encode the overlap frames as the start of a clip (default); latents: reuse the "
+                        "previous clip's last latent frames")
     g.add_argument("--preview", help="write a preview PNG of the current latents here after every step")
     g.add_argument("--fps", type=_fps, help="frames per second, a decimal or a ratio (24000/1001); default: the "
                                             "bundle's, else 16. Each container stores its own range (video_io)")
     g.add_argument("--out", help="video file (.mp4, .webp, .gif)")
-    g.add_argument("--save-latents", help="also write the latents to this .safetensors")
+    g.add_argument("--save-latents", help="also write the latents [segments, 16, T', H/8, W/8] to this .safetensors")
     g.set_defaults(func=cmd_generate)
 
 

@@ -88,7 +88,7 @@ def check_forward(pack, folder: Path) -> None:
             if k == 2 and hasattr(plain, "cached_patcher_init"):
                 factory, args = plain.cached_patcher_init  # what multi-GPU clones / non-dynamic delegates call
                 rebuilt = factory(*args, disable_dynamic=True)
-                report(f"  cached_patcher_init rebuilds the unpatched model: |rebuilt − unpatched|",
+                report("  cached_patcher_init rebuilds the unpatched model: |rebuilt − unpatched|",
                        (run_diffusion_model(rebuilt, x, t, context, refs) - unpatched).abs().max().item())
             if k == 0:
                 report("  K=0: patched == unpatched native bit for bit", bool(torch.equal(got, unpatched)), False)
@@ -187,6 +187,47 @@ def modular_sampling(pack, model, loaded):
     return wan21_to_dit_space(out[0]["samples"])
 
 
+def extension_sampling(pack, model, loaded, segments: int = 2):
+    """Segments through Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced (noise seed = segment index)
+    → VAE Decode, continued by RefAlign Segment Latent and joined by RefAlign Join Segments -> (frames, the core's
+    frames for `Extension(segments, overlap=1, color_match=True)`)."""
+    import comfy_extras.nodes_custom_sampler as custom
+    import nodes as comfy_nodes
+
+    from refalign_core.inference.extension import Extension
+    from refalign_core.inference.pipeline import RefAlignPipeline
+    from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler
+
+    references, positive, negative, d = toy_inputs(pack, loaded)
+    conds = run_node(pack, "RefAlignSubjectConditioning", positive, negative, loaded[2], references, 64, 64,
+                     d.num_frames, 1, "zeros_per_reference")
+    guider = run_node(pack, "RefAlignGuider", model, *conds[:3], d.image_scale, d.text_scale)[0]
+    settings = SamplingSettings(width=64, height=64, num_frames=d.num_frames, steps=d.steps, shift=d.shift)
+    sigmas = make_scheduler("euler", d.steps, d.shift).sigmas.float()
+    node = custom.SamplerCustomAdvanced
+    run = node.execute if hasattr(node, "execute") else node().sample
+
+    class Noise:
+        def __init__(self, seed):
+            self.seed = seed
+
+        def generate_noise(self, latent):
+            return initial_noise(tuple(latent["samples"].shape), self.seed)
+
+    video, latent = None, conds[3]
+    for index in range(segments):
+        if video is not None:
+            latent = run_node(pack, "RefAlignSegmentLatent", loaded[2], video, 64, 64, d.num_frames, 1, 1)[0]
+        out = run(Noise(index), guider, pack.nodes.native.schedule_sampler(settings), sigmas, latent)
+        out = out.result if hasattr(out, "result") else out
+        frames = comfy_nodes.VAEDecode().decode(loaded[2], out[0])[0]
+        video = frames if video is None else run_node(pack, "RefAlignJoinSegments", video, frames, 1, True)[0]
+    pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
+    core = pipe(DEMO_PROMPT, demo_references(), negative_prompt="", settings=pipe.settings.replace(width=64, height=64),
+                extension=Extension(segments=segments, overlap=1, color_match=True))
+    return video, core.frames
+
+
 def toy_bundle() -> tuple[str, Path]:
     """The embedded RefAlign toy bundle: (its name in the Loader's list, its folder)."""
     name, folder = next(iter(embedded_bundles().items()))
@@ -232,6 +273,9 @@ def check_sampling(pack, skip_compile: bool) -> None:
     report("  the same at reference_strength 0 (references hidden), vs the core path: |diff| latents",
            (toy_sampling(pack, "euler", native, loaded, reference_strength=0.0)[1]
             - core_sampling("euler", reference_strength=0.0)).abs().max().item())
+    video, core_frames = extension_sampling(pack, model, loaded, segments=3)
+    report(f"3 segments through Segment Latent → SamplerCustomAdvanced → Join Segments ({len(video)} frames) vs the "
+           "core's extension: |diff| frames", (video.cpu() - core_frames).abs().max().item())
     other_shift = advanced.ModelSamplingSD3().patch(model, 5.0)[0]
     report("ModelSamplingSD3 shift 5 instead of 1 (the sampler's own shift widget decides): |diff|",
            (toy_sampling(pack, "euler", other_shift, loaded)[1] - core).abs().max().item(), False)

@@ -14,9 +14,10 @@ from ..errors import RefAlignInputError
 from ..models.checkpoint import load_dit, save_dit
 from ..models.lora import LoraSpec, apply_loras
 from ..models.text_encoder import WAN_NEGATIVE_PROMPT, TextEncoder, encode_prompts, load_text_encoder
-from ..models.vae import decode_latents, latent_stats, load_vae, save_vae
+from ..models.vae import decode_latents, encode_video, latent_stats, load_vae, save_vae
 from .acceleration import compile_blocks, set_attention_backend
 from .bundles import DEFAULT_FPS, read_bundle, write_bundle_manifest
+from .extension import Extension, generate_segments
 from .memory import check_memory, memory_estimate
 from .references import MAX_REFERENCES, as_references, encode_references, prepare_references
 from .sampler import SamplingSettings, sample_r2v
@@ -24,16 +25,18 @@ from .sampler import SamplingSettings, sample_r2v
 
 @dataclass
 class GenerationResult:
-    latents: torch.Tensor  # [1, 16, T', H/8, W/8] in the DiT's (normalised) latent space
-    frames: torch.Tensor | None  # [F, H, W, 3] in [0,1] (ComfyUI IMAGE layout), None without a VAE
+    latents: torch.Tensor  # [S, 16, T', H/8, W/8] in the DiT's (normalised) latent space, one clip per segment
+    frames: torch.Tensor | None  # [F, H, W, 3] in [0,1] (ComfyUI IMAGE layout; segments joined), None without a VAE
     references: torch.Tensor | None  # [K, 3, H, W] the fitted, white-padded references, if images were given
 
 
 class Denoiser(Protocol):
-    """(text, reference latents `[1,C,K,h,w]`, settings) -> video latents `[1,C,T',h,w]`, both in DiT space."""
+    """(text, reference latents `[1,C,K,h,w]`, settings) -> video latents `[1,C,T',h,w]`, both in DiT space;
+    known_latents `[1,C,P,h,w]`: leading latent frames held fixed (extension)."""
 
     def __call__(self, text: Any, reference_latents: torch.Tensor, settings: SamplingSettings, *,
-                 callback: Callable | None = None, cancel_check: Callable | None = None) -> torch.Tensor: ...
+                 callback: Callable | None = None, cancel_check: Callable | None = None,
+                 known_latents: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class VideoCodec(Protocol):
@@ -42,6 +45,8 @@ class VideoCodec(Protocol):
     def encode_references(self, fitted: torch.Tensor) -> torch.Tensor: ...  # [K,3,H,W] in [0,1] -> [1,C,K,h,w]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # [1,C,T',h,w] -> frames [F,H,W,3] in [0,1]
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor: ...  # frames [4n+1,H,W,3] -> [1,C,n+1,h,w]
 
     def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor: ...  # DiT space -> the VAE's own latent space
 
@@ -55,11 +60,12 @@ class DiTDenoiser:
     batch_passes: bool = True
     mag_ratio_memo: dict | None = None
 
-    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None) -> torch.Tensor:
+    def __call__(self, text, reference_latents, settings, *, callback=None, cancel_check=None,
+                 known_latents=None) -> torch.Tensor:
         prompt_embeds, negative_embeds = text
         return sample_r2v(self.dit, prompt_embeds, negative_embeds, reference_latents, settings,
                           batch_passes=self.batch_passes, callback=callback, cancel_check=cancel_check,
-                          mag_ratio_memo=self.mag_ratio_memo)
+                          mag_ratio_memo=self.mag_ratio_memo, known_latents=known_latents)
 
 
 @dataclass
@@ -75,18 +81,22 @@ class VAECodec:
         video = decode_latents(self.vae, latents)  # [1, 3, F, H, W] in [-1, 1]
         return video[0].permute(1, 2, 3, 0).add(1).div(2).float().cpu()
 
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        return encode_video(self.vae, frames.permute(3, 0, 1, 2)[None].mul(2).sub(1)).float().cpu()
+
     def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = latent_stats(self.vae, latents)
         return latents * std + mean
 
 
 def generate(denoiser: Denoiser, codec: VideoCodec | None, text, settings: SamplingSettings, *, references=None,
-             reference_latents: torch.Tensor | None = None, callback=None, cancel_check=None,
-             decode: bool = True) -> GenerationResult:
+             reference_latents: torch.Tensor | None = None, extension: Extension = Extension(), callback=None,
+             cancel_check=None, decode: bool = True) -> GenerationResult:
     """Fit the references on white and encode each alone (unless `reference_latents` are given), sample, decode.
 
     references: `Reference`s or images (1–4); text: whatever the denoiser takes (embeddings for our DiT,
-    CONDITIONING for ComfyUI's model)."""
+    CONDITIONING for ComfyUI's model); extension: more than one segment (`extension.py`; decodes)."""
+    extension.check(settings)
     fitted = None
     if reference_latents is None:
         if references is None:
@@ -95,6 +105,10 @@ def generate(denoiser: Denoiser, codec: VideoCodec | None, text, settings: Sampl
             raise RefAlignInputError("references: this model has no VAE; pass reference latents instead")
         fitted = prepare_references(references, settings.width, settings.height, max_references=MAX_REFERENCES)
         reference_latents = codec.encode_references(fitted)
+    if extension.segments > 1:
+        latents, frames = generate_segments(denoiser, codec, text, settings, reference_latents, extension,
+                                            callback=callback, cancel_check=cancel_check)
+        return GenerationResult(latents=latents, frames=frames, references=fitted)
     latents = denoiser(text, reference_latents, settings, callback=callback, cancel_check=cancel_check)
     frames = codec.decode(latents) if decode and codec is not None else None
     return GenerationResult(latents=latents, frames=frames, references=fitted)
@@ -215,10 +229,11 @@ class RefAlignPipeline:
 
     def __call__(self, prompt: str | None = None, references=None, *, negative_prompt=WAN_NEGATIVE_PROMPT,
                  prompt_embeds=None, negative_prompt_embeds=None, reference_latents=None,
-                 settings: SamplingSettings | None = None, decode: bool = True, callback=None, cancel_check=None,
-                 batch_passes: bool = True, **overrides) -> GenerationResult:
+                 settings: SamplingSettings | None = None, extension: Extension = Extension(), decode: bool = True,
+                 callback=None, cancel_check=None, batch_passes: bool = True, **overrides) -> GenerationResult:
         """Generate. references: `Reference`s or images (1–4). settings: default = the model's; `overrides` are
-        `SamplingSettings` fields (seed, steps, …) applied on top, validated."""
+        `SamplingSettings` fields (seed, steps, …) applied on top, validated. extension: a video of several
+        segments (`Extension(segments=3, overlap=5)`)."""
         settings = (settings or self.settings).replace(**overrides)
         if reference_latents is None and references is not None:
             references = as_references(references)
@@ -230,5 +245,5 @@ class RefAlignPipeline:
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         codec = VAECodec(self.vae) if self.vae is not None else None
         return generate(DiTDenoiser(self.dit, batch_passes, self.mag_ratio_memo), codec, text, settings,
-                        references=references, reference_latents=reference_latents, callback=callback,
-                        cancel_check=cancel_check, decode=decode)
+                        references=references, reference_latents=reference_latents, extension=extension,
+                        callback=callback, cancel_check=cancel_check, decode=decode)

@@ -226,6 +226,35 @@ def run_schedule(scheduler, latents: torch.Tensor, velocity: Velocity, *, callba
     return latents
 
 
+def hold_known_frames(velocity: Velocity, known: torch.Tensor, noise: torch.Tensor,
+                      multiplier: float = 1000.0) -> Velocity:
+    """Flow-matching inpainting along time (extension): the first P latent frames are held at `known`
+    `[1, C, P, h, w]` while the rest is denoised, as ComfyUI's noise mask does (`KSamplerX0Inpaint`): the model sees
+    them noised to its sigma s = timestep / multiplier with the run's `noise`, s·noise + (1 − s)·known, and their x0
+    is `known`, so their velocity is (latents − known) / s."""
+    frames = known.shape[2]
+
+    def held(latents, timestep, sigma):
+        s = float(timestep) / multiplier
+        x = latents.clone()
+        x[:, :, :frames] = s * noise[:, :, :frames] + (1 - s) * known
+        v = velocity(x, timestep, sigma).clone()
+        v[:, :, :frames] = (latents[:, :, :frames] - known) / s
+        return v
+
+    return held
+
+
+def check_known_latents(known: torch.Tensor, latent_shape: tuple[int, ...]) -> None:
+    """Known leading latent frames `[1, C, P, h, w]`, 1 ≤ P < the clip's latent frames, finite."""
+    if known.ndim != 5 or known.shape[:2] != latent_shape[:2] or tuple(known.shape[3:]) != latent_shape[3:] \
+            or not 1 <= known.shape[2] < latent_shape[2]:
+        raise RefAlignInputError(f"known latents must be [1, {latent_shape[1]}, P, {latent_shape[3]}, "
+                                 f"{latent_shape[4]}] with 1 ≤ P < {latent_shape[2]}, got {tuple(known.shape)}")
+    if not bool(torch.isfinite(known).all()):
+        raise RefAlignInputError("known latents have NaN or infinite values")
+
+
 PASS_NAMES = ("uncond", "image", "text")
 
 
@@ -372,16 +401,21 @@ def sample_r2v(
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancel_check: Callable[[], bool] | None = None,
     mag_ratio_memo: dict | None = None,
+    known_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate video latents `[1, 16, (F−1)/4+1, H/8, W/8]` (fp32, CPU) with our DiT.
 
     prompt_embeds / negative_prompt_embeds: `[1, L, text_dim]`; reference_latents: clean `[1, 16, K, H/8, W/8]`.
     callback(step, steps, latents) runs after every step; cancel_check() before every step (True cancels).
     mag_ratio_memo: MagCache ratios calibrated on this DiT, by schedule and LoRAs, filled here; a caller that keeps
-    it across runs calibrates once (None: calibrate for this run only)."""
+    it across runs calibrates once (None: calibrate for this run only). known_latents: clean leading latent frames
+    `[1, 16, P, H/8, W/8]` held fixed while the rest is denoised (`hold_known_frames`; extension)."""
     mag_ratio_memo = {} if mag_ratio_memo is None else mag_ratio_memo
     check_reference_latents(reference_latents, settings, dit.config.in_channels)
     check_positions(settings, dit.config, reference_latents.shape[2])
+    if known_latents is not None:
+        check_known_latents(known_latents, settings.latent_shape(dit.config.in_channels))
+        known_latents = known_latents.float().cpu()
     check_text_embeddings({"prompt embeddings": prompt_embeds, "negative prompt embeddings": negative_prompt_embeds},
                           dit.config.text_dim)
     texts = (prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float())
@@ -401,9 +435,14 @@ def sample_r2v(
         scheduler = make_scheduler(run_settings.sampler, run_settings.steps, run_settings.shift)
         latents = initial_noise(run_settings.latent_shape(dit.config.in_channels), run_settings.seed)
         velocity = _Velocity(dit, schedule, run_settings, batch_passes and calibration is None, calibration)
+        if known_latents is not None:
+            velocity = hold_known_frames(velocity, known_latents, latents)
         with dit_cache(dit, _cache_config(dit, run_settings, run, mag_ratio_memo, cancel_check)):
-            return run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check,
-                                diagnose=diagnose)
+            latents = run_schedule(scheduler, latents, velocity, callback=callback, cancel_check=cancel_check,
+                                   diagnose=diagnose)
+        if known_latents is not None:
+            latents[:, :, :known_latents.shape[2]] = known_latents
+        return latents
 
     return run(settings, callback, cancel_check)
 

@@ -22,7 +22,8 @@ from refalign_core.models.vae import load_vae, wan21_latent_stats
 EMBEDDED_MODEL = next(iter(EMBEDDED))
 NODE_IDS = ["RefAlignLoader", "RefAlignMultiSubjectReference", "RefAlignR2VSampler", "RefAlignIdentityCheck",
             "RefAlignModelPatch", "RefAlignSubjectConditioning", "RefAlignGuider", "RefAlignExampleImage",
-            "RefAlignSaveEncodedReferences", "RefAlignLoadEncodedReferences"]
+            "RefAlignSaveEncodedReferences", "RefAlignLoadEncodedReferences", "RefAlignSegmentLatent",
+            "RefAlignJoinSegments"]
 PATCH_KEY = "refalign"
 
 

@@ -25,7 +25,7 @@ REAL = [p for p in WORKFLOWS if "1.3b" in p.stem or "multi_subject" in p.stem]
 def test_the_workflows_ship():
     names = {p.stem for p in WORKFLOWS}
     assert names == {"refalign_toy_demo", "refalign_1.3b_single_subject", "refalign_multi_subject",
-                     "refalign_ab_identity_comparison"}
+                     "refalign_ab_identity_comparison", "refalign_toy_three_segments"}
     ids = [json.loads(p.read_text())["id"] for p in WORKFLOWS]
     assert len(set(ids)) == len(ids)  # the frontend keys open tabs by id
 
