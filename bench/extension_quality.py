@@ -4,7 +4,9 @@ last frame of the one before), for each seam choice with and without colour matc
 Per segment: the world judge's accuracy (the right subject in its lane, per frame) and the Identity Check, each on
 the segment's own frames (its held first frame included), and the colour drift (mean |RGB mean − segment 1's|, in
 0–255 steps). Seams: every frame difference (mean |frame t+1 − frame t|) where a segment's new frames begin, against
-the median difference inside segments. Numbers are means over the seeds.
+the median difference inside segments, and against segment 1's own first step (frame 0 → 1, where the causal VAE's
+lone first frame meets the first group of four: every seam is such a step of its clip). Numbers are means over the
+seeds.
 
     python bench/extension_quality.py [--segments 3] [--seeds 3] [--json out.json]
 
@@ -58,7 +60,10 @@ def score(frames, extension, num_frames, judge, vfm, references) -> dict:
                             "identity": identity.overall,
                             "color_drift": float((clip.mean(dim=(0, 1, 2)) - base).abs().mean() * 255)})
     ratio, seams, inside = seam_ratio(frames, extension, num_frames)
-    return {"segments": per_segment, "seam_ratio": ratio, "seam_differences": seams, "inside_median": inside}
+    # a seam is frame 0 → 1 of the new clip; segment 1's own frame 0 → 1 step is the model's, with no seam
+    first_step = float((frames[1] - frames[0]).abs().mean())
+    return {"segments": per_segment, "seam_ratio": ratio, "seam_differences": seams, "inside_median": inside,
+            "seam_to_first_step": max(seams) / first_step}
 
 
 def mean_over_seeds(runs: list[dict]) -> dict:
@@ -66,6 +71,7 @@ def mean_over_seeds(runs: list[dict]) -> dict:
     return {"segments": [{key: statistics.mean(run["segments"][i][key] for run in runs)
                           for key in runs[0]["segments"][0]} for i in range(count)],
             "seam_ratio": statistics.mean(run["seam_ratio"] for run in runs),
+            "seam_to_first_step": statistics.mean(run["seam_to_first_step"] for run in runs),
             "seam_ratio_worst": max(run["seam_ratio"] for run in runs)}
 
 
@@ -98,8 +104,9 @@ def main(argv=None) -> int:
     for name, result in results.items():
         first = result["segments"][0]
         worst = max(abs(s["judge"] - first["judge"]) for s in result["segments"][1:]) * 100
-        print(f"{name}: seam ratio {result['seam_ratio']:.2f} (worst seed {result['seam_ratio_worst']:.2f}); "
-              f"judge within {worst:.0f} points of segment 1")
+        print(f"{name}: seam ratio {result['seam_ratio']:.2f} (worst seed {result['seam_ratio_worst']:.2f}), "
+              f"largest seam ÷ segment 1's own frame 0→1 step {result['seam_to_first_step']:.2f}; judge within "
+              f"{worst:.0f} points of segment 1")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": settings.to_dict(), "segments": args.segments, "seeds": args.seeds,

@@ -8,7 +8,7 @@
 2. with `--frontend` (needs `playwright` and a Chromium): each workflow is loaded in the real frontend the server
    serves, and the toasts / dialogs it raises and any node type the frontend does not know are reported (a screenshot
    each with `--screenshots`);
-3. the workflows named by `--queue` (default: the two toy ones, which need no downloads) are queued through
+3. the workflows named by `--queue` (default: the three toy ones, which need no downloads) are queued through
    `/prompt` and waited for: status, seconds, and the outputs (the Identity Check's report included).
 
 The last line is `failures: N`; the exit status is 1 when N > 0."""
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workflow_tools import object_info_signatures, to_api_prompt, validate  # noqa: E402
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-TOY = ["refalign_toy_demo", "refalign_ab_identity_comparison"]
+TOY = ["refalign_toy_demo", "refalign_ab_identity_comparison", "refalign_toy_three_segments"]
 
 
 def get(url: str):
