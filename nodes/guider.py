@@ -6,8 +6,8 @@ from comfy_api.latest import io
 from refalign_core.inference.sampler import MAX_STEPS, SamplingSettings
 
 from .native import guider_class
-from .sampler import (check_model_and_text, guidance_inputs, guidance_steps_input, patched_model_input,
-                      reference_control_inputs)
+from .sampler import (CUSTOM, apply_preset, check_model_and_text, guidance_inputs, guidance_steps_input,
+                      patched_model_input, preset_input, reference_control_inputs)
 
 
 def refalign_guider(model, positive, negative_text, negative_img_text, settings: SamplingSettings):
@@ -40,6 +40,7 @@ class RefAlignGuider(io.ComfyNode):
                 guidance_steps_input("-1: three passes on every step. n: on the first n steps of the sigmas, then "
                                        "the prompt pass alone."),
                 *reference_control_inputs(),
+                preset_input(),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="The guider for SamplerCustomAdvanced.")],
         )
@@ -47,10 +48,12 @@ class RefAlignGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative_text, negative_img_text, image_scale, text_scale,
                 guidance_steps=-1, reference_strength=1.0, image_guidance_start=0.0,
-                image_guidance_end=1.0) -> io.NodeOutput:
+                image_guidance_end=1.0, preset=CUSTOM) -> io.NodeOutput:
         # the steps are the sigmas' that SamplerCustomAdvanced gives; MAX_STEPS only bounds guidance_steps here
         settings = SamplingSettings(image_scale=image_scale, text_scale=text_scale, steps=MAX_STEPS,
                                     guidance_steps=None if guidance_steps < 0 else guidance_steps,
                                     reference_strength=reference_strength, image_guidance_start=image_guidance_start,
                                     image_guidance_end=image_guidance_end)
+        # the steps and the sampler are SamplerCustomAdvanced's; of a preset only the guidance applies here
+        settings = apply_preset(settings, preset).replace(steps=MAX_STEPS)
         return io.NodeOutput(refalign_guider(model, positive, negative_text, negative_img_text, settings))

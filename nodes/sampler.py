@@ -8,8 +8,8 @@ from comfy_api.latest import io
 from refalign_core.errors import RefAlignInputError
 from refalign_core.inference.pipeline import generate
 from refalign_core.inference.sampler import (FRAMES_PER_LATENT, MAX_GUIDANCE_SCALE, MAX_REFERENCE_STRENGTH, MAX_SEED,
-                                             MAX_SHIFT, MAX_STEPS, MIN_SHIFT, SAMPLERS, SIZE_MULTIPLE,
-                                             UNCOND_REFERENCES, SamplingSettings)
+                                             MAX_SHIFT, MAX_STEPS, MIN_SHIFT, PRESETS, SAMPLERS, SIZE_MULTIPLE,
+                                             UNCOND_REFERENCES, SamplingSettings, with_preset)
 
 from . import runtime
 from .native import ComfyVAECodec, NativeDenoiser, is_patched
@@ -62,6 +62,20 @@ def reference_control_inputs() -> list:
                            optional=True,
                            tooltip="…until this one; outside it a step runs the prompt guidance alone (s_txt), "
                                    "which saves one pass.")]
+
+
+CUSTOM = "custom"
+
+
+def preset_input():
+    turbo = ", ".join(f"{k} {v}" for k, v in PRESETS["turbo"].items())
+    return io.Combo.Input("preset", options=[CUSTOM, *PRESETS], default=CUSTOM, optional=True,
+                          tooltip=f"custom: the widgets as set. turbo: for a distilled turbo LoRA (load it with "
+                                  f"LoraLoaderModelOnly): {turbo}, in place of those widgets.")
+
+
+def apply_preset(settings: SamplingSettings, preset: str) -> SamplingSettings:
+    return settings if preset == CUSTOM else with_preset(settings, preset)
 
 
 def check_model_and_text(model, **conditionings) -> None:
@@ -134,6 +148,7 @@ class RefAlignR2VSampler(io.ComfyNode):
                 io.Boolean.Input("previews", default=True, optional=True,
                                  tooltip="Latent previews in the progress bar."),
                 *reference_control_inputs(),
+                preset_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The video frames (connect to Create Video / Save "
@@ -147,11 +162,12 @@ class RefAlignR2VSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, references, width, height, num_frames, steps, shift,
                 image_scale, text_scale, seed, sampler, uncond_references, guidance_steps=-1,
                 previews=True, reference_strength=1.0, image_guidance_start=0.0,
-                image_guidance_end=1.0) -> io.NodeOutput:
+                image_guidance_end=1.0, preset=CUSTOM) -> io.NodeOutput:
         settings = SamplingSettings(width=width, height=height, num_frames=num_frames, steps=steps, shift=shift,
                                     image_scale=image_scale, text_scale=text_scale, sampler=sampler,
                                     seed=seed, uncond_references=uncond_references,
                                     guidance_steps=None if guidance_steps < 0 else min(guidance_steps, steps),
                                     reference_strength=reference_strength, image_guidance_start=image_guidance_start,
                                     image_guidance_end=image_guidance_end)
+        settings = apply_preset(settings, preset)
         return io.NodeOutput(*sample_video(model, positive, negative, vae, references, settings, previews))

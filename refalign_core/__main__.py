@@ -23,8 +23,8 @@ from .inference.memory import check_memory, memory_estimate
 from .inference.pipeline import PipelineSpec, RefAlignPipeline, VAECodec, load_pipeline
 from .inference.reference_files import load_reference_latents, save_reference_latents
 from .inference.references import MAX_REFERENCES, Reference, encode_references, prepare_references
-from .inference.sampler import (SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions, check_reference_latents,
-                                check_text_embeddings)
+from .inference.sampler import (PRESETS, SAMPLERS, UNCOND_REFERENCES, SamplingSettings, check_positions,
+                                check_reference_latents, check_text_embeddings, with_preset)
 from .inference.video_io import VIDEO_SUFFIXES, load_image, video_rate, write_video
 from .models.checkpoint import COMPUTE_DTYPES, DTYPES, read_dit_header
 from .models.lora import LoraSpec
@@ -184,7 +184,7 @@ def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.text_kv_cache:
         options["text_kv_cache"] = True
-    base = bundle.settings if bundle else SamplingSettings()
+    base = with_preset(bundle.settings if bundle else SamplingSettings(), args.preset)
     return base.replace(source="command line", **options)
 
 
@@ -359,6 +359,9 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--num-frames", type=int, help="video length, 4n+1")
     g.add_argument("--frames", type=int, dest="num_frames", action=_Renamed, new="--num-frames",
                    help=argparse.SUPPRESS)
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="turbo: a distilled student's schedule (4 Euler steps, the prompt pass alone; load the student "
+                        "with --lora); the options below still apply on top")
     g.add_argument("--steps", type=int)
     g.add_argument("--shift", type=float)
     g.add_argument("--image-scale", type=float, help="s_img (default 5.0)")

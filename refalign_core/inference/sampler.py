@@ -143,6 +143,19 @@ class SamplingSettings:
         return (1, channels, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
 
 
+# named sets of settings over a model's defaults; turbo: a distilled student's schedule (`training/distill.py`):
+# a few Euler steps with the prompt pass alone (guidance baked in), at the model's own shift
+PRESETS = {"turbo": {"steps": 4, "guidance_steps": 0, "sampler": "euler"}}
+
+
+def with_preset(settings: SamplingSettings, preset: str | None) -> SamplingSettings:
+    """`settings` with the named preset's values (None: unchanged)."""
+    if preset is None:
+        return settings
+    one_of("preset", preset, tuple(PRESETS))
+    return settings.replace(source=f"preset {preset}", **PRESETS[preset])
+
+
 def three_pass_guidance(uncond, image_cond, text_cond, image_scale: float, text_scale: float):
     return uncond + image_scale * (image_cond - uncond) + text_scale * (text_cond - image_cond)
 

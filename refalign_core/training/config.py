@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import RefAlignInputError
 from ..validation import describe, finite_number, in_range, one_of, whole_number
-from ..inference.sampler import SIZE_MULTIPLE, is_frame_count, is_video_size
+from ..inference.sampler import PRESETS, SIZE_MULTIPLE, SamplingSettings, is_frame_count, is_video_size
 
 DATASET_FORMATS = ("jsonl", "folder", "opens2v")
 
@@ -163,6 +163,23 @@ class PreviewConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Turbo: a few-step, one-pass student (LoRA) distilled from the frozen DiT sampled with three-pass guidance
+    (`distill.py`); the teacher and the student use the training `shift`."""
+
+    enabled: bool = False
+    student_steps: int = field(default=PRESETS["turbo"]["steps"], metadata=AT_LEAST_1)  # the turbo preset's steps
+    teacher_steps: int = field(default=SamplingSettings.steps, metadata=AT_LEAST_1)
+    teacher_image_scale: float = SamplingSettings.image_scale
+    teacher_text_scale: float = SamplingSettings.text_scale
+    negative_prompt: str | None = None  # the teacher's; None: the Wan2.1 negative prompt of the official inference
+
+    def teacher(self, shift: float) -> SamplingSettings:
+        return SamplingSettings(steps=self.teacher_steps, shift=shift, image_scale=self.teacher_image_scale,
+                                text_scale=self.teacher_text_scale)
+
+
+@dataclass
 class TrainingConfig:
     seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,6 +189,7 @@ class TrainingConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     previews: PreviewConfig = field(default_factory=PreviewConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     shift: float = field(default=5.0, metadata=POSITIVE)
     # prompts are zero-padded to this, as at inference; None: the text encoder's own length (512 for Wan2.1)
     text_length: int | None = field(default=None, metadata=AT_LEAST_1)
@@ -182,6 +200,15 @@ class TrainingConfig:
                                                  "weights are frozen")
         if self.alignment.blocks is not None and (not self.alignment.blocks or min(self.alignment.blocks) < 0):
             _fail(source, "alignment.blocks", f"must be block indices ≥ 0 (or null), got {self.alignment.blocks}")
+        if self.distill.enabled:
+            if self.train.mode != "lora":
+                _fail(source, "distill.enabled", "the student is LoRA adapters on the frozen teacher: set train.mode: "
+                                                 "lora")
+            if self.alignment.enabled:
+                _fail(source, "distill.enabled", "distillation has no alignment loss: set alignment.enabled: false")
+            if self.dropout.text or self.dropout.references or self.dropout.both:
+                _fail(source, "distill.enabled", "the student learns the prompt and references as given: set "
+                                                 "dropout.text, dropout.references and dropout.both to 0")
         if self.model.dit is not None and self.model.dit_config is not None:
             _fail(source, "model.dit_config", "is for a DiT trained from random weights: give it or model.dit, "
                                               "not both")

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import av
 import kornia

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..files import OutputLock
+from ..models.text_encoder import WAN_NEGATIVE_PROMPT, encode_prompts
 from .buckets import BucketBatchSampler
 from .cache import prepare_cache
 from .checkpoints import Checkpoints
@@ -102,6 +103,14 @@ def _preview(previews: Previews | None, step: int, accelerator, module, ema, par
         previews.run(step, accelerator.unwrap_model(module).dit, accelerator.autocast)
 
 
+def teacher_negative(config: TrainingConfig, text_encoder, text_length: int) -> torch.Tensor | None:
+    """The distillation teacher's negative prompt embeddings `[1, L, D]` (None when not distilling)."""
+    if not config.distill.enabled:
+        return None
+    negative = config.distill.negative_prompt
+    return encode_prompts(text_encoder, [WAN_NEGATIVE_PROMPT if negative is None else negative], text_length)
+
+
 def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: bool = False) -> TrainingResult:
     """Train (or, with `resume`, continue from the newest readable checkpoint in `output_dir`). Every check runs
     first; the output folder is locked against a second run for the whole run.
@@ -132,7 +141,9 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
 
         # model: DiT + projectors (+ LoRA), optimizer, EMA, checkpoints
         vfm = encoders.vfm if config.alignment.vfm_online else None
-        module = build_module(config, vfm.dim if vfm is not None else cache.vfm_dim, vfm)
+        text_length = config.text_length or encoders.text_encoder.length
+        module = build_module(config, vfm.dim if vfm is not None else cache.vfm_dim, vfm,
+                              negative=teacher_negative(config, encoders.text_encoder, text_length))
         dit_config = module.dit.config
         module, optimizer, scheduler = prepare(accelerator, module, config)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -143,12 +154,13 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         make_batch = functools.partial(make_training_batch, null_prompt=cache.null_prompt,
                                        text_dropout=config.dropout.text, reference_dropout=config.dropout.references,
                                        both_dropout=config.dropout.both,
-                                       text_length=config.text_length or encoders.text_encoder.length)
+                                       text_length=text_length)
         encoders.release_text_encoder()
         batches = iter(_loader(cache, config, accelerator, start))
         log = TrainingLog(output_dir / "log.csv", start, main)
 
-        # loop: L = L_FM + λ·g(t)·L_RA, accumulated over train.grad_accum micro-batches
+        # loop: L = L_FM + λ·g(t)·L_RA (or, distilling, the student's distance to the teacher), accumulated over
+        # train.grad_accum micro-batches
         if config.previews.at_start and start == 0:
             _preview(previews, 0, accelerator, module, ema, params)
         bar = tqdm(total=t.max_steps, initial=start, desc="training", disable=not main)

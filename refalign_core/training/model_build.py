@@ -15,6 +15,7 @@ from ..models.vae import load_vae
 from ..models.vfm import load_vfm
 from .alignment import AlignmentProjectors, default_aligned_blocks
 from .config import TrainingConfig
+from .distill import DistillationModule
 from .module import LORA_TARGETS, RefAlignTrainingModule
 
 WEIGHT_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp8_e4m3fn")}  # memory.base_weights
@@ -128,10 +129,17 @@ def _make_trainable(config: TrainingConfig, dit) -> None:
             param.data = param.data.float()
 
 
-def build_module(config: TrainingConfig, vfm_dim: int, vfm=None) -> RefAlignTrainingModule:
-    """The DiT (with LoRA adapters and low-precision base weights when asked) and the projectors."""
+def build_module(config: TrainingConfig, vfm_dim: int, vfm=None, negative: torch.Tensor | None = None):
+    """The DiT (with LoRA adapters and low-precision base weights when asked) and the projectors, or with
+    `distill.enabled` the student over the frozen teacher (negative: the teacher's negative prompt `[1, L, D]`)."""
     torch.manual_seed(config.seed)
     dit = _load_dit(config)
+    if config.distill.enabled:
+        _make_trainable(config, dit)
+        if config.memory.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        d = config.distill
+        return DistillationModule(dit, d.teacher(config.shift), negative, d.student_steps, config.shift)
     projectors = _projectors(config, dit, vfm_dim)
     _make_trainable(config, dit)
     if config.memory.gradient_checkpointing:

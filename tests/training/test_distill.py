@@ -1,0 +1,117 @@
+"""Turbo distillation (`refalign_core.training.distill`): the student trains LoRA adapters only, against the frozen
+base sampled with three-pass guidance; what it trains is what the turbo preset samples; a run resumes bit-exactly."""
+
+import signal
+import subprocess
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from refalign_core.errors import RefAlignInputError
+from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler, sample_r2v, with_preset
+from refalign_core.models.lora import LoraSpec, apply_loras
+from refalign_core.training import load_training_config
+from refalign_core.training.distill import DistillationModule, adapters_disabled, student_sample
+from refalign_core.training.module import LORA_TARGETS, TrainingBatch
+from tiny_models import TINY_DIT, tiny_dit
+from train_runs import ENV, ROOT, TRAIN, config, run, same_files
+
+TEXT = TINY_DIT["text_dim"]
+TEACHER = SamplingSettings(steps=3, shift=3.0, image_scale=2.0, text_scale=3.0)
+
+
+def with_lora(dit):
+    dit.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    return dit
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TrainingBatch(latents=torch.zeros(2, 16, 2, 4, 6), text=torch.randn(2, 5, TEXT, generator=g),
+                         references=torch.randn(2, 16, 2, 4, 6, generator=g),
+                         reference_mask=torch.tensor([[True, True], [True, False]]), vfm_tokens=None, images=None,
+                         keep_references=torch.ones(2), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_turbo_preset_samples_exactly_what_the_student_trains():
+    dit = tiny_dit().eval()
+    text, refs = torch.randn(1, 5, TEXT), torch.randn(1, 16, 1, 4, 6)
+    settings = with_preset(SamplingSettings(num_frames=5, height=32, width=48, shift=3.0, seed=7), "turbo")
+    sigmas = make_scheduler("euler", settings.steps, settings.shift).sigmas.float()
+    with torch.no_grad():
+        trained = student_sample(dit, initial_noise(settings.latent_shape(), 7), text, refs, sigmas)
+    torch.testing.assert_close(sample_r2v(dit, text, torch.zeros(1, 5, TEXT), refs, settings), trained,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_teacher_is_the_base_model_and_only_the_adapters_learn():
+    base = tiny_dit().eval()
+    dit = with_lora(tiny_dit().eval())
+    text, refs = torch.randn(1, 5, TEXT), torch.randn(1, 16, 2, 4, 6)
+    settings = TEACHER.replace(num_frames=5, height=32, width=48)
+    with adapters_disabled(dit):
+        teacher = sample_r2v(dit, text, torch.zeros(1, 5, TEXT), refs, settings)
+    assert torch.equal(teacher, sample_r2v(base, text, torch.zeros(1, 5, TEXT), refs, settings))
+    assert not torch.equal(sample_r2v(dit, text, torch.zeros(1, 5, TEXT), refs, settings), teacher)  # adapters back
+
+    dit.requires_grad_(False)
+    for name, param in dit.named_parameters():
+        param.requires_grad_("lora_" in name)
+    module = DistillationModule(dit, TEACHER, torch.zeros(1, 3, TEXT), student_steps=2, student_shift=3.0)
+    losses = module(batch())
+    losses.total.backward()
+    trained = {n for n, p in dit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in n for n in trained)
+    assert torch.isfinite(losses.total) and losses.total > 0
+    assert torch.equal(module(batch()).total, losses.total)  # deterministic given the step's generator
+
+
+@pytest.mark.parametrize("section,match", [({"train": {"mode": "full"}}, "train.mode"),
+                                           ({"alignment": {"enabled": True}}, "alignment"),
+                                           ({"dropout": {"text": 0.1}}, "dropout")])
+def test_a_distillation_config_that_cannot_work_is_refused(tmp_path, section, match):
+    values = {"train": {"mode": "lora"}, "alignment": {"enabled": False},
+              "dropout": {"text": 0.0, "references": 0.0, "both": 0.0}, "distill": {"enabled": True}}
+    for key, changes in section.items():
+        values[key] = {**values[key], **changes}
+    with pytest.raises(RefAlignInputError, match=match):
+        load_training_config(None, [f"{key}={value}" for key, value in _flat(values)])
+
+
+def _flat(values, prefix=""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", str(value).lower() if isinstance(value, bool) else value
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    from refalign_core.toy.world import make_toy_world
+    folder = tmp_path_factory.mktemp("distill_data")
+    return {"manifest": make_toy_world(folder / "world", num_videos=4, size=64, frames=17), "cache": folder / "cache"}
+
+
+@pytest.mark.slow
+def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_loads(tmp_path, toy_data):
+    cfg = config(tmp_path, toy_data, train={"mode": "lora", "lora_rank": 4, "max_steps": 4, "checkpoint_every": 2,
+                                            "batch_size": 1},
+                 alignment={"enabled": False}, dropout={"text": 0.0, "references": 0.0, "both": 0.0},
+                 distill={"enabled": True, "student_steps": 2, "teacher_steps": 3, "negative_prompt": ""})
+    run(["--config", cfg, "--output-dir", tmp_path / "straight"])
+    killed = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "killed")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    for line in killed.stdout:
+        if "saved checkpoint step 2" in line:
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    run(["--config", cfg, "--output-dir", tmp_path / "killed", "--resume"])
+    assert same_files(tmp_path / "straight" / "lora.safetensors", tmp_path / "killed" / "lora.safetensors")
+    dit = tiny_dit(**load_training_config(cfg).model.dit_config)
+    before = dit.blocks[0].attn1.to_q.weight.clone()
+    apply_loras(dit, (LoraSpec(str(tmp_path / "straight" / "lora.safetensors"), 1.0),))
+    assert not torch.equal(dit.blocks[0].attn1.to_q.weight, before)
