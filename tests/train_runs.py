@@ -1,6 +1,7 @@
 """Running train/train.py from the tests: the command, its environment, and tiny.yaml on the shared toy data."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,18 @@ def run(args, expect=0, launcher=(), **kwargs):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600, **kwargs)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_killed_at_checkpoint(cfg: Path, output_dir: Path, step: int) -> None:
+    """train/train.py on `cfg`, killed (SIGKILL) right after it saved the checkpoint of `step`."""
+    killed = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(output_dir)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    for line in killed.stdout:
+        if f"saved checkpoint step {step}" in line:
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
 
 
 def torchrun(port):

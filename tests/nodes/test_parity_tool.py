@@ -2,7 +2,6 @@
 tool cannot rot unseen: it imports with the pack's base dependencies, finds the embedded toy bundle, and its
 peft-free LoRA goes through the trainer's exporter into ComfyUI's LoraLoader keys and merges into our DiT."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,15 +11,13 @@ from refalign_core.inference.bundles import BUNDLE_FILE
 from refalign_core.models.checkpoint import dit_state_dict_original
 from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
+from scripts import load_script
 
 TOOL = Path(__file__).parents[2] / "tools" / "comfyui_parity.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("comfyui_parity", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL, "comfyui_parity")
 
 
 def test_the_parity_tool_imports_without_comfyui_or_the_train_extra(monkeypatch):

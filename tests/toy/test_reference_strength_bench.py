@@ -1,20 +1,17 @@
 """bench/reference_strength.py runs end to end on one held-out case (few steps): every strength is scored, strength 0
 equals a run with no references, strength 1 equals a run without the argument, and a rerun reuses its runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from refalign_core.toy.cases import held_out_cases
+from scripts import load_script
 
 BENCH = Path(__file__).parents[2] / "bench" / "reference_strength.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_reference_strength", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "bench_reference_strength")
 
 
 def test_reference_strength_bench_on_one_case(tmp_path, capsys):

@@ -2,7 +2,6 @@
 through the core loader and the ComfyUI Loader node, and drive the README's demo command."""
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_refere
 from refalign_core.inference.pipeline import RefAlignPipeline
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy import EMBEDDED, MODELS_FOLDER as EMBEDDED_FOLDER
+from scripts import load_script
 
 EMBEDDED_MODEL, EMBEDDED_BASELINE = list(EMBEDDED)
 
@@ -28,9 +28,7 @@ RECORD = json.loads((SHIPPED_BUNDLE / "recipe.json").read_text())
 
 
 def test_recorded_recipe_is_the_scripts_recipe():
-    spec = importlib.util.spec_from_file_location("make_toy_bundle_script", ROOT / "train" / "make_toy_bundle.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "train" / "make_toy_bundle.py", "make_toy_bundle_script")
     assert RECORD["recipe"] == json.loads(json.dumps(script.RECIPE))
     assert RECORD["command"] == "python train/make_toy_bundle.py"
 

@@ -1,9 +1,6 @@
 """Turbo distillation (`refalign_core.training.distill`): the student trains LoRA adapters only, against the frozen
 base sampled with three-pass guidance; what it trains is what the turbo preset samples; a run resumes bit-exactly."""
 
-import signal
-import subprocess
-
 import pytest
 import torch
 from peft import LoraConfig
@@ -15,7 +12,7 @@ from refalign_core.training import load_training_config
 from refalign_core.training.distill import DistillationModule, adapters_disabled, student_sample
 from refalign_core.training.module import LORA_TARGETS, TrainingBatch
 from tiny_models import TINY_DIT, tiny_dit
-from train_runs import ENV, ROOT, TRAIN, config, run, same_files
+from train_runs import config, run, run_killed_at_checkpoint, same_files
 
 TEXT = TINY_DIT["text_dim"]
 TEACHER = SamplingSettings(steps=3, shift=3.0, image_scale=2.0, text_scale=3.0)
@@ -101,14 +98,7 @@ def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_l
                  alignment={"enabled": False}, dropout={"text": 0.0, "references": 0.0, "both": 0.0},
                  distill={"enabled": True, "student_steps": 2, "teacher_steps": 3, "negative_prompt": ""})
     run(["--config", cfg, "--output-dir", tmp_path / "straight"])
-    killed = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "killed")], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    for line in killed.stdout:
-        if "saved checkpoint step 2" in line:
-            killed.send_signal(signal.SIGKILL)
-            break
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
+    run_killed_at_checkpoint(cfg, tmp_path / "killed", 2)
     run(["--config", cfg, "--output-dir", tmp_path / "killed", "--resume"])
     assert same_files(tmp_path / "straight" / "lora.safetensors", tmp_path / "killed" / "lora.safetensors")
     dit = tiny_dit(**load_training_config(cfg).model.dit_config)

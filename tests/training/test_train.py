@@ -17,7 +17,8 @@ from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
 from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui
-from train_runs import ENV, ROOT, TINY, TRAIN, accelerate_fsdp, config, run, same_files, torchrun
+from train_runs import (ENV, ROOT, TINY, TRAIN, accelerate_fsdp, config, run, run_killed_at_checkpoint, same_files,
+                        torchrun)
 
 def initial_dit():
     """The DiT tiny.yaml starts from (random weights, the config's seed)."""
@@ -93,14 +94,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data, ema_decay):
     cfg = config(tmp_path, data, train={"max_steps": 20, "checkpoint_every": 5, "ema_decay": ema_decay,
                                         "keep_last": 2, "batch_size": 2})
     run(["--config", cfg, "--output-dir", tmp_path / "straight"])
-    killed = subprocess.Popen(TRAIN + ["--config", str(cfg), "--output-dir", str(tmp_path / "killed")], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    for line in killed.stdout:
-        if "saved checkpoint step 10" in line:
-            killed.send_signal(signal.SIGKILL)
-            break
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
+    run_killed_at_checkpoint(cfg, tmp_path / "killed", 10)
     assert not (tmp_path / "killed" / "dit.safetensors").exists()
     run(["--config", cfg, "--output-dir", tmp_path / "killed", "--resume"])
     assert same_files(tmp_path / "straight" / "dit.safetensors", tmp_path / "killed" / "dit.safetensors")
