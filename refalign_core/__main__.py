@@ -339,7 +339,8 @@ def cmd_demo(args) -> None:
     SamplingSettings(seed=args.seed)  # checks the seed
     with tqdm(desc="demo sampling", unit="step") as bar:
         paths = run_demo(Path(args.out), Path(args.bundle) if args.bundle else None, seed=args.seed,
-                         progress=lambda step, total, _: (setattr(bar, "total", total), bar.update(1)))
+                         progress=lambda step, total, _: (setattr(bar, "total", total), bar.update(1)),
+                         preset=args.preset)
     print(paths["identity_report"].read_text(), end="")
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="refalign_demo")
     d.add_argument("--bundle", help="use this bundle instead of the embedded one")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--preset", choices=sorted(PRESETS),
+                   help="turbo: the embedded model's distilled student, 4 steps with the prompt pass alone")
     d.set_defaults(func=cmd_demo)
 
     for name, (_, help) in FORWARDED.items():  # listed here; their own parsers read their options

@@ -148,23 +148,34 @@ def toy_sampling(pack, sampler_name: str, model, loaded, steps=None, **controls)
     return frames, wan21_to_dit_space(latent["samples"])
 
 
-def core_sampling(sampler_name: str, **controls):
+def core_sampling(sampler_name: str, loras=(), **controls):
     """The core path (our DiT, the bundle's VAE and text encoder) on the same case -> latents in DiT space;
     controls: settings on top."""
     import dataclasses
 
     from refalign_core.inference.pipeline import RefAlignPipeline
 
-    pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
+    pipe = RefAlignPipeline.from_bundle(toy_bundle()[1], loras=tuple(loras))
     settings = dataclasses.replace(pipe.settings, width=64, height=64, seed=0, sampler=sampler_name, **controls)
     return pipe(DEMO_PROMPT, demo_references(), negative_prompt="", settings=settings).latents
 
 
-def modular_sampling(pack, model, loaded):
-    """Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced (our sampler, the core's sigmas) -> latents in
-    DiT space."""
+class Noise:
+    """SamplerCustomAdvanced's NOISE with the core's noise for `seed`."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generate_noise(self, latent):
+        from refalign_core.inference.sampler import initial_noise
+        return initial_noise(tuple(latent["samples"].shape), self.seed)
+
+
+def modular_wiring(pack, model, loaded):
+    """Subject Conditioning → RefAlign Guider on the demo case at 64×64 -> (conds, guider, a function that runs
+    SamplerCustomAdvanced (our sampler, the core's sigmas) with a noise seed on a LATENT and returns the LATENT)."""
     import comfy_extras.nodes_custom_sampler as custom
-    from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler
+    from refalign_core.inference.sampler import SamplingSettings, make_scheduler
 
     references, positive, negative, d = toy_inputs(pack, loaded)
     conds = run_node(pack, "RefAlignSubjectConditioning", positive, negative, loaded[2], references, 64, 64,
@@ -172,55 +183,38 @@ def modular_sampling(pack, model, loaded):
     guider = run_node(pack, "RefAlignGuider", model, *conds[:3], d.image_scale, d.text_scale)[0]
     settings = SamplingSettings(width=64, height=64, num_frames=d.num_frames, steps=d.steps, shift=d.shift)
     sigmas = make_scheduler("euler", d.steps, d.shift).sigmas.float()
-
-    class Noise:
-        seed = 0
-
-        def generate_noise(self, latent):
-            return initial_noise(tuple(latent["samples"].shape), 0)
-
-    sampler = pack.nodes.native.schedule_sampler(settings)
     node = custom.SamplerCustomAdvanced
     run = node.execute if hasattr(node, "execute") else node().sample
-    out = run(Noise(), guider, sampler, sigmas, conds[3])
-    out = out.result if hasattr(out, "result") else out
-    return wan21_to_dit_space(out[0]["samples"])
+
+    def sample(seed: int, latent: dict) -> dict:
+        out = run(Noise(seed), guider, pack.nodes.native.schedule_sampler(settings), sigmas, latent)
+        return (out.result if hasattr(out, "result") else out)[0]
+
+    return conds, guider, sample
+
+
+def modular_sampling(pack, model, loaded):
+    """Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced -> latents in DiT space."""
+    conds, _, sample = modular_wiring(pack, model, loaded)
+    return wan21_to_dit_space(sample(0, conds[3])["samples"])
 
 
 def extension_sampling(pack, model, loaded, segments: int = 2):
     """Segments through Subject Conditioning → RefAlign Guider → SamplerCustomAdvanced (noise seed = segment index)
     → VAE Decode, continued by RefAlign Segment Latent and joined by RefAlign Join Segments -> (frames, the core's
     frames for `Extension(segments, overlap=1, color_match=True)`)."""
-    import comfy_extras.nodes_custom_sampler as custom
     import nodes as comfy_nodes
 
     from refalign_core.inference.extension import Extension
     from refalign_core.inference.pipeline import RefAlignPipeline
-    from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler
 
-    references, positive, negative, d = toy_inputs(pack, loaded)
-    conds = run_node(pack, "RefAlignSubjectConditioning", positive, negative, loaded[2], references, 64, 64,
-                     d.num_frames, 1, "zeros_per_reference")
-    guider = run_node(pack, "RefAlignGuider", model, *conds[:3], d.image_scale, d.text_scale)[0]
-    settings = SamplingSettings(width=64, height=64, num_frames=d.num_frames, steps=d.steps, shift=d.shift)
-    sigmas = make_scheduler("euler", d.steps, d.shift).sigmas.float()
-    node = custom.SamplerCustomAdvanced
-    run = node.execute if hasattr(node, "execute") else node().sample
-
-    class Noise:
-        def __init__(self, seed):
-            self.seed = seed
-
-        def generate_noise(self, latent):
-            return initial_noise(tuple(latent["samples"].shape), self.seed)
-
+    conds, _, sample = modular_wiring(pack, model, loaded)
+    num_frames = toy_inputs(pack, loaded)[3].num_frames
     video, latent = None, conds[3]
     for index in range(segments):
         if video is not None:
-            latent = run_node(pack, "RefAlignSegmentLatent", loaded[2], video, 64, 64, d.num_frames, 1, 1)[0]
-        out = run(Noise(index), guider, pack.nodes.native.schedule_sampler(settings), sigmas, latent)
-        out = out.result if hasattr(out, "result") else out
-        frames = comfy_nodes.VAEDecode().decode(loaded[2], out[0])[0]
+            latent = run_node(pack, "RefAlignSegmentLatent", loaded[2], video, 64, 64, num_frames, 1, 1)[0]
+        frames = comfy_nodes.VAEDecode().decode(loaded[2], sample(index, latent))[0]
         video = frames if video is None else run_node(pack, "RefAlignJoinSegments", video, frames, 1, True)[0]
     pipe = RefAlignPipeline.from_bundle(toy_bundle()[1])
     core = pipe(DEMO_PROMPT, demo_references(), negative_prompt="", settings=pipe.settings.replace(width=64, height=64),
@@ -294,6 +288,31 @@ def check_sampling(pack, skip_compile: bool) -> None:
                    "compile): |diff| latents", (latent - core).abs().max().item(), False)
         except Exception as e:  # report, do not hide
             report("TorchCompileModel (inductor, CPU) failed", f"{type(e).__name__}: {str(e)[:300]}", False)
+
+
+def check_turbo(pack, folder: Path) -> None:
+    """The shipped toy turbo student through LoraLoaderModelOnly on the RefAlign Loader's MODEL and the R2V Sampler's
+    turbo preset, against the core with the LoRA merged and `--preset turbo`."""
+    import shutil
+
+    import folder_paths
+    import nodes as comfy_nodes
+
+    from refalign_core.inference.sampler import PRESETS
+    from refalign_core.models.lora import LoraSpec
+    from refalign_core.toy.demo import SHIPPED_TURBO
+
+    (folder / "loras").mkdir(exist_ok=True)
+    shutil.copy(SHIPPED_TURBO, folder / "loras" / "refalign_toy_turbo.safetensors")
+    folder_paths.add_model_folder_path("loras", str(folder / "loras"))
+    loaded = run_node(pack, "RefAlignLoader", toy_bundle()[0], "default")
+    student = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(loaded[0], "refalign_toy_turbo.safetensors",
+                                                                     1.0)[0]
+    native = toy_sampling(pack, "euler", student, loaded, preset="turbo")[1]
+    turbo = {k: v for k, v in PRESETS["turbo"].items() if k != "sampler"}
+    core = core_sampling(PRESETS["turbo"]["sampler"], loras=(LoraSpec(str(SHIPPED_TURBO), 1.0),), **turbo)
+    report("toy turbo student: LoraLoaderModelOnly + R2V Sampler preset turbo vs the core with the LoRA merged and "
+           "--preset turbo: |diff| latents", (native - core).abs().max().item())
 
 
 def check_dual_cfg(pack, folder: Path) -> None:
@@ -374,6 +393,7 @@ def main() -> int:
         check_clone_onto_another_instance(pack, folder)
         check_dual_cfg(pack, folder)
         check_lora(pack, folder)
+        check_turbo(pack, folder)
         check_sampling(pack, args.skip_compile)
     print(f"max diff: {max(FIGURES.values()):.3g}")
     return 0

@@ -19,7 +19,8 @@ from PIL import Image
 from ..errors import RefAlignInputError
 from ..inference.bundles import BUNDLE_FILE
 from ..inference.pipeline import RefAlignPipeline
-from ..inference.sampler import SamplingSettings
+from ..inference.sampler import SamplingSettings, with_preset
+from ..models.lora import LoraSpec
 from ..inference.video_io import write_video
 from . import MODELS_FOLDER
 from .judge import JUDGE_FILE, WorldJudge, through_vae
@@ -28,6 +29,7 @@ from .world import BACKGROUND, FRAMES, SIZE, Subject, caption, plan_tracks, refe
 DEMO_SETTINGS = SamplingSettings(width=SIZE, height=SIZE, num_frames=FRAMES, steps=12)
 SHIPPED_BUNDLE = MODELS_FOLDER / "refalign_toy"
 SHIPPED_BASELINE = MODELS_FOLDER / "refalign_toy_baseline"  # same data and steps, RA loss off
+SHIPPED_TURBO = MODELS_FOLDER / "refalign_toy_turbo" / "lora.safetensors"  # the shipped model's turbo student
 
 
 def embedded_bundle() -> Path:
@@ -101,14 +103,27 @@ def score_demo(pipe: RefAlignPipeline, references: list, frames) -> tuple[str, d
     return text, summary, sheet
 
 
-def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None) -> dict[str, Path]:
+def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None,
+             preset: str | None = None) -> dict[str, Path]:
     """Generate with the embedded model (or `bundle`), write mp4 + webp, and score the result (`score_demo`: report
-    JSON / text, contact sheet). Every file is written into a temporary folder beside `out` and moved in at the end:
-    a failure leaves none of them. Returns the written paths."""
+    JSON / text, contact sheet). preset "turbo": the embedded model's turbo student (its LoRA) with the turbo preset.
+    Every file is written into a temporary folder beside `out` and moved in at the end: a failure leaves none of
+    them. Returns the written paths."""
     out = Path(out)
-    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle())
+    loras = ()
+    if preset == "turbo":
+        if bundle is not None:
+            raise RefAlignInputError("--preset turbo: the shipped student belongs to the embedded model; give no "
+                                     "--bundle (or generate with your bundle, --lora and --preset turbo)")
+        if not SHIPPED_TURBO.is_file():
+            raise RefAlignInputError(f"the embedded turbo student is missing: {SHIPPED_TURBO} does not exist "
+                                     "(reinstall the package, or rebuild it with train/configs/toy_turbo.yaml)")
+        loras = (LoraSpec(str(SHIPPED_TURBO), 1.0),)
+    pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle(), loras=loras)
     references = demo_references()
-    result = pipe(DEMO_PROMPT, references, negative_prompt="", seed=seed, callback=progress)
+    settings = with_preset(pipe.settings, preset)
+    result = pipe(DEMO_PROMPT, references, negative_prompt="", settings=settings.replace(seed=seed),
+                  callback=progress)
     text, summary, sheet = score_demo(pipe, references, result.frames)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out))

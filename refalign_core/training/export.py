@@ -18,7 +18,13 @@ def export(state: dict[str, torch.Tensor], dit_config, output_dir: Path, config:
     dit_state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
     if config.train.mode == "lora":
         files["lora"] = output_dir / "lora.safetensors"
-        write_safetensors(lora_state_dict_for_comfyui(dit_state, config.train.lora_alpha), files["lora"])
+        d = config.distill
+        # a distilled student says how to sample it: the preset's schedule at its shift, and its teacher
+        meta = {"refalign.preset": "turbo", "refalign.distill": json.dumps(
+            {"student_steps": d.student_steps, "shift": config.shift, "teacher_steps": d.teacher_steps,
+             "teacher_image_scale": d.teacher_image_scale, "teacher_text_scale": d.teacher_text_scale})} \
+            if d.enabled else None
+        write_safetensors(lora_state_dict_for_comfyui(dit_state, config.train.lora_alpha), files["lora"], meta)
     else:
         files["dit"] = output_dir / "dit.safetensors"
         meta = {"num_attention_heads": dit_config.num_attention_heads, "eps": dit_config.eps}

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import comfy_stubs
 from pack import load_pack, pack_nodes, run_node
 from refalign_core.models.checkpoint import load_dit
-from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, demo_references, embedded_bundle
+from refalign_core.toy.demo import SHIPPED_BASELINE, SHIPPED_BUNDLE, SHIPPED_TURBO, demo_references, embedded_bundle
+from refalign_core.training import load_training_config
 from refalign_core.inference.pipeline import RefAlignPipeline
 from refalign_core.toy.vae import ToyVideoVAE
 from refalign_core.toy import EMBEDDED, MODELS_FOLDER as EMBEDDED_FOLDER
@@ -42,7 +44,9 @@ def test_shipped_bundles_are_small_complete_and_load():
     bundles = (SHIPPED_BUNDLE, SHIPPED_BASELINE)
     files = [p for p in EMBEDDED_FOLDER.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 40 * 2**20
-    assert {str(p.relative_to(EMBEDDED_FOLDER)) for p in files} - {"refalign_toy/recipe.json"} == set(RECORD["sha256"])
+    turbo = {f"refalign_toy_turbo/{name}" for name in ("lora.safetensors", "recipe.json")}  # its own recipe
+    assert {str(p.relative_to(EMBEDDED_FOLDER)) for p in files} - {"refalign_toy/recipe.json"} - turbo == \
+        set(RECORD["sha256"])
     assert embedded_bundle() == SHIPPED_BUNDLE
     pipes = [RefAlignPipeline.from_bundle(folder) for folder in bundles]
     assert all(isinstance(p.vae, ToyVideoVAE) and p.text_encoder is not None for p in pipes)
@@ -108,3 +112,26 @@ def test_toy_workflows_sample_with_the_shipped_defaults(name):
     for widgets in samplers:  # width, height, length, steps, shift, image / text guidance, sampler
         assert widgets[0:7] + [widgets[9]] == [defaults[k] for k in ("width", "height", "num_frames", "steps", "shift",
                                                                         "image_scale", "text_scale", "sampler")]
+
+
+TURBO_RECORD = SHIPPED_TURBO.parent / "recipe.json"
+
+
+def test_the_turbo_student_is_small_made_by_its_recipe_and_says_how_to_sample_it():
+    record = json.loads(TURBO_RECORD.read_text())
+    assert record["command"] == "python train/make_toy_turbo.py"
+    assert record["config"] == load_training_config(ROOT / "train" / "configs" / "toy_turbo.yaml").to_dict()
+    assert hashlib.sha256(SHIPPED_TURBO.read_bytes()).hexdigest() == record["sha256"]["lora.safetensors"]
+    assert SHIPPED_TURBO.stat().st_size <= 5 * 2**20
+    with safe_open(SHIPPED_TURBO, "pt") as f:
+        assert f.metadata()["refalign.preset"] == "turbo"
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_turbo_student(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "refalign_core", "demo", "--preset", "turbo", "--out",
+                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "identity.json").read_text())
+    assert len(report["subjects"]) == 2 and all(0 <= v <= 1 for v in report["judge_accuracy"].values())
+    assert "4/4" in result.stderr  # four sampling steps

@@ -1,9 +1,12 @@
 """Turbo distillation (`refalign_core.training.distill`): the student trains LoRA adapters only, against the frozen
 base sampled with three-pass guidance; what it trains is what the turbo preset samples; a run resumes bit-exactly."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors import safe_open
 
 from refalign_core.errors import RefAlignInputError
 from refalign_core.inference.sampler import SamplingSettings, initial_noise, make_scheduler, sample_r2v, with_preset
@@ -101,6 +104,9 @@ def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_l
     run_killed_at_checkpoint(cfg, tmp_path / "killed", 2)
     run(["--config", cfg, "--output-dir", tmp_path / "killed", "--resume"])
     assert same_files(tmp_path / "straight" / "lora.safetensors", tmp_path / "killed" / "lora.safetensors")
+    with safe_open(tmp_path / "straight" / "lora.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["refalign.preset"] == "turbo" and json.loads(metadata["refalign.distill"])["student_steps"] == 2
     dit = tiny_dit(**load_training_config(cfg).model.dit_config)
     before = dit.blocks[0].attn1.to_q.weight.clone()
     apply_loras(dit, (LoraSpec(str(tmp_path / "straight" / "lora.safetensors"), 1.0),))
