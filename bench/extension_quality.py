@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the toy bundle's)")
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args(argv)
+    if args.segments < 2:
+        parser.error("--segments: at least 2 (seams are what this measures)")
     pipe = RefAlignPipeline.from_bundle(embedded_bundle())
     settings = pipe.settings if args.steps is None else pipe.settings.replace(steps=args.steps)
     judge, vfm, references = WorldJudge.load(), load_vfm(), demo_references()

@@ -32,6 +32,10 @@ def next_segment_latent(vae, video: torch.Tensor, settings: SamplingSettings, ov
     if video.shape[0] < overlap:
         raise RefAlignInputError(f"overlap: {overlap} frames, but the video has {video.shape[0]}")
     known = vae.encode(video[-overlap:, :, :, :3]).float().cpu()  # [1, C, P, h, w] in the VAE's space
+    grid = (extension.known_latent_frames, settings.height // 8, settings.width // 8)
+    if known.ndim != 5 or tuple(known.shape[2:]) != grid:
+        raise RefAlignInputError(f"vae: encoded {overlap} frames to {tuple(known.shape)}, not the Wan2.1 grid "
+                                 f"[1, C, {', '.join(map(str, grid))}]; use the Wan2.1 VAE (or the bundle's)")
     latent, mask = segment_latent((batch_size, *settings.latent_shape(known.shape[1])[1:]), known)
     out = runtime.intermediate_device()
     return {"samples": latent.to(out), "noise_mask": mask.to(out)}

@@ -104,6 +104,9 @@ class ReferenceKeyBias:
             bias = torch.zeros(1, tokens, dtype=q.dtype, device=q.device)
             bias[:, self.video_tokens:] = math.log(self.strength) if self.strength > 0 else float("-inf")
             kwargs["mask"] = bias
+            if getattr(func, "__name__", "") == "attention_sage":  # SageAttention drops masks without a word
+                from comfy.ldm.modules.attention import attention_pytorch
+                func = attention_pytorch
         if self.previous is not None:
             return self.previous(func, q, k, v, *args, **kwargs)
         return func(q, k, v, *args, **kwargs)

@@ -346,6 +346,10 @@ def cmd_demo(args) -> None:
         print(f"{name}: {path}")
 
 
+def _preset_text(name: str) -> str:
+    return ", ".join(f"{key} {value}" for key, value in PRESETS[name].items())
+
+
 def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="reference-to-video generation")
     _add_model_args(g)
@@ -361,8 +365,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--frames", type=int, dest="num_frames", action=_Renamed, new="--num-frames",
                    help=argparse.SUPPRESS)
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="turbo: a distilled student's schedule (4 Euler steps, the prompt pass alone; load the student "
-                        "with --lora); the options below still apply on top")
+                   help=f"turbo: a distilled student's schedule ({_preset_text('turbo')}; load the student with "
+                        "--lora); the options below still apply on top")
     g.add_argument("--steps", type=int)
     g.add_argument("--shift", type=float)
     g.add_argument("--image-scale", type=float, help="s_img (default 5.0)")
@@ -386,11 +390,11 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--segments", type=int, default=1, metavar="N",
                    help="a video of N clips, each continuing the last --overlap frames of the one before with the "
                         "same references (default 1)")
-    g.add_argument("--overlap", type=int, default=5, metavar="FRAMES",
-                   help="frames (4n+1) each new segment starts from (default 5)")
+    g.add_argument("--overlap", type=int, default=Extension.overlap, metavar="FRAMES",
+                   help=f"frames (4n+1) each new segment starts from (default {Extension.overlap})")
     g.add_argument("--color-match", action="store_true",
                    help="match each new segment's colours to the previous one on the overlap frames")
-    g.add_argument("--seam", choices=SEAMS, default="pixels",
+    g.add_argument("--seam", choices=SEAMS, default=Extension.seam,
                    help="pixels: re-encode the overlap frames as the start of a clip (default); latents: reuse the "
                         "previous clip's last latent frames")
     g.add_argument("--preview", help="write a preview PNG of the current latents here after every step")
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bundle", help="use this bundle instead of the embedded one")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--preset", choices=sorted(PRESETS),
-                   help="turbo: the embedded model's distilled student, 4 steps with the prompt pass alone")
+                   help=f"turbo: the embedded model's distilled student ({_preset_text('turbo')})")
     d.set_defaults(func=cmd_demo)
 
     for name, (_, help) in FORWARDED.items():  # listed here; their own parsers read their options

@@ -58,17 +58,27 @@ class Extension:
         return (self.overlap - 1) // FRAMES_PER_LATENT + 1
 
 
+MAX_COLOR_SCALE = 2.0  # a near-flat overlap (a fade, a black frame) must not blow a segment's contrast up
+
+
 def match_colors(frames: torch.Tensor, measured: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """frames `[F, H, W, 3]` in [0, 1] moved so that `measured` (some of them) gets the per-channel mean and std of
-    `target`."""
+    `target` (the std scaled by at most MAX_COLOR_SCALE either way)."""
     dims = (0, 1, 2)
-    scale = target.std(dim=dims) / measured.std(dim=dims).clamp_min(1e-6)
+    scale = (target.std(dim=dims) / measured.std(dim=dims).clamp_min(1e-6)).clamp(1 / MAX_COLOR_SCALE,
+                                                                                    MAX_COLOR_SCALE)
     return ((frames - measured.mean(dim=dims)) * scale + target.mean(dim=dims)).clamp(0, 1)
 
 
 def join_segment(video: torch.Tensor, segment: torch.Tensor, overlap: int, color_match: bool = False) -> torch.Tensor:
     """The video so far `[F, H, W, 3]` and the next segment `[T, H, W, 3]`, whose first `overlap` frames regenerate
     the video's last ones -> `[F + T − overlap, H, W, 3]`: the seam keeps the video's frames, no frame twice."""
+    return torch.cat([video, new_frames(video, segment, overlap, color_match)])
+
+
+def new_frames(video: torch.Tensor, segment: torch.Tensor, overlap: int, color_match: bool = False) -> torch.Tensor:
+    """What the segment adds to the video (`join_segment`): its frames after the overlap, colour-matched to the
+    video's last `overlap` frames when asked. `video` may be just those last frames."""
     for name, frames in (("video", video), ("segment", segment)):
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise RefAlignInputError(f"{name}: frames [F, H, W, 3] expected, got {tuple(frames.shape)}")
@@ -80,7 +90,7 @@ def join_segment(video: torch.Tensor, segment: torch.Tensor, overlap: int, color
                                  f"than the segment's {len(segment)}, got {overlap}")
     if color_match:
         segment = match_colors(segment, segment[:overlap], video[-overlap:])
-    return torch.cat([video, segment[overlap:]])
+    return segment[overlap:]
 
 
 def generate_segments(denoiser, codec, text, settings: SamplingSettings, reference_latents: torch.Tensor,
@@ -92,19 +102,20 @@ def generate_segments(denoiser, codec, text, settings: SamplingSettings, referen
         raise RefAlignInputError("segments: extension continues from decoded frames and needs a VAE")
     extension.check(settings)
     steps, overlap = settings.steps, extension.overlap
-    segment_latents, video, latents = [], None, None
+    segment_latents, pieces, tail, latents = [], [], None, None  # tail: the video's last `overlap` frames
     for index in range(extension.segments):
         def step_callback(step, total, step_latents, index=index):
             if callback is not None:
                 callback(index * steps + step, extension.segments * steps, step_latents)
 
         known = None
-        if video is not None:
-            known = (codec.encode_video(video[-overlap:]) if extension.seam == "pixels"
+        if tail is not None:
+            known = (codec.encode_video(tail) if extension.seam == "pixels"
                      else latents[:, :, -extension.known_latent_frames:])
         latents = denoiser(text, reference_latents, settings.replace(seed=(settings.seed + index) % (MAX_SEED + 1)),
                            callback=step_callback, cancel_check=cancel_check, known_latents=known)
         frames = codec.decode(latents)
-        video = frames if video is None else join_segment(video, frames, overlap, extension.color_match)
+        pieces.append(frames if tail is None else new_frames(tail, frames, overlap, extension.color_match))
+        tail = torch.cat([tail, pieces[-1]])[-overlap:] if tail is not None else frames[-overlap:]
         segment_latents.append(latents)
-    return torch.cat(segment_latents), video
+    return torch.cat(segment_latents), torch.cat(pieces)

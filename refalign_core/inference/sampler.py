@@ -244,7 +244,8 @@ def hold_known_frames(velocity: Velocity, known: torch.Tensor, noise: torch.Tens
     """Flow-matching inpainting along time (extension): the first P latent frames are held at `known`
     `[1, C, P, h, w]` while the rest is denoised, as ComfyUI's noise mask does (`KSamplerX0Inpaint`): the model sees
     them noised to its sigma s = timestep / multiplier with the run's `noise`, s·noise + (1 − s)·known, and their x0
-    is `known`, so their velocity is (latents − known) / s."""
+    is `known`, so their velocity is (latents − known) / σ at the scheduler's σ (UniPC rounds the timestep, so s is
+    not σ there, and is 0 below σ = 0.0005)."""
     frames = known.shape[2]
 
     def held(latents, timestep, sigma):
@@ -252,7 +253,7 @@ def hold_known_frames(velocity: Velocity, known: torch.Tensor, noise: torch.Tens
         x = latents.clone()
         x[:, :, :frames] = s * noise[:, :, :frames] + (1 - s) * known
         v = velocity(x, timestep, sigma).clone()
-        v[:, :, :frames] = (latents[:, :, :frames] - known) / s
+        v[:, :, :frames] = (latents[:, :, :frames] - known) / float(sigma)
         return v
 
     return held

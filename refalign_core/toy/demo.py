@@ -117,7 +117,7 @@ def run_demo(out: Path, bundle: Path | None = None, seed: int = 0, progress=None
                                      "--bundle (or generate with your bundle, --lora and --preset turbo)")
         if not SHIPPED_TURBO.is_file():
             raise RefAlignInputError(f"the embedded turbo student is missing: {SHIPPED_TURBO} does not exist "
-                                     "(reinstall the package, or rebuild it with train/configs/toy_turbo.yaml)")
+                                     "(reinstall the package, or rebuild it with train/make_toy_turbo.py)")
         loras = (LoraSpec(str(SHIPPED_TURBO), 1.0),)
     pipe = RefAlignPipeline.from_bundle(bundle or embedded_bundle(), loras=loras)
     references = demo_references()

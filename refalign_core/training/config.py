@@ -201,6 +201,10 @@ class TrainingConfig:
         if self.alignment.blocks is not None and (not self.alignment.blocks or min(self.alignment.blocks) < 0):
             _fail(source, "alignment.blocks", f"must be block indices ≥ 0 (or null), got {self.alignment.blocks}")
         if self.distill.enabled:
+            try:
+                self.distill.teacher(self.shift)
+            except RefAlignInputError as e:
+                _fail(source, "distill", f"the teacher's settings: {e}")
             if self.train.mode != "lora":
                 _fail(source, "distill.enabled", "the student is LoRA adapters on the frozen teacher: set train.mode: "
                                                  "lora")

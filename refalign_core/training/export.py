@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..inference.sampler import PRESETS
 from ..models.checkpoint import CONFIG_METADATA_KEY, diffusers_to_original_key
 from ..models.safetensors_io import write_safetensors
 from .config import TrainingConfig
@@ -19,11 +20,14 @@ def export(state: dict[str, torch.Tensor], dit_config, output_dir: Path, config:
     if config.train.mode == "lora":
         files["lora"] = output_dir / "lora.safetensors"
         d = config.distill
-        # a distilled student says how to sample it: the preset's schedule at its shift, and its teacher
-        meta = {"refalign.preset": "turbo", "refalign.distill": json.dumps(
-            {"student_steps": d.student_steps, "shift": config.shift, "teacher_steps": d.teacher_steps,
-             "teacher_image_scale": d.teacher_image_scale, "teacher_text_scale": d.teacher_text_scale})} \
-            if d.enabled else None
+        # a distilled student says how to sample it (its steps at its shift) and, when that is the turbo preset, so
+        meta = None
+        if d.enabled:
+            meta = {"refalign.distill": json.dumps(
+                {"student_steps": d.student_steps, "shift": config.shift, "teacher_steps": d.teacher_steps,
+                 "teacher_image_scale": d.teacher_image_scale, "teacher_text_scale": d.teacher_text_scale})}
+            if d.student_steps == PRESETS["turbo"]["steps"]:
+                meta["refalign.preset"] = "turbo"
         write_safetensors(lora_state_dict_for_comfyui(dit_state, config.train.lora_alpha), files["lora"], meta)
     else:
         files["dit"] = output_dir / "dit.safetensors"

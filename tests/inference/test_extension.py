@@ -89,3 +89,20 @@ def test_bad_extension_settings_are_refused(changes, match):
 def test_an_overlap_that_leaves_no_new_frames_is_refused_before_sampling(pipe):
     with pytest.raises(RefAlignInputError, match="overlap"):
         pipe(prompt_embeds=text()[0], reference_latents=references(), extension=Extension(segments=2, overlap=9))
+
+
+def test_color_match_on_a_flat_overlap_does_not_blow_the_segment_up():
+    g = torch.Generator().manual_seed(2)
+    flat = torch.full((5, 8, 8, 3), 0.5) + torch.rand(5, 8, 8, 3, generator=g) * 1e-4  # a fade: almost no contrast
+    busy = torch.rand(5, 8, 8, 3, generator=g)
+    segment = torch.cat([flat, torch.rand(4, 8, 8, 3, generator=g) * 0.2 + 0.4])
+    matched = match_colors(segment, segment[:5], busy)
+    per_channel = (0, 1, 2)  # without the bound the scale would be about 3000
+    assert (matched[5:].std(dim=per_channel) <= 2.0 * segment[5:].std(dim=per_channel) + 1e-6).all()
+
+
+def test_held_frames_stay_finite_where_unipc_rounds_the_last_timestep_to_zero(dit):
+    settings = SETTINGS.replace(sampler="unipc", steps=50, shift=0.02)
+    known = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+    held = sample_r2v(dit, *text(), references(), settings, known_latents=known)
+    assert torch.isfinite(held).all() and torch.equal(held[:, :, :2], known)

@@ -471,3 +471,22 @@ def test_the_guider_hands_a_reference_strength_other_than_1_to_the_model(native,
     assert isinstance(bias, native.ReferenceKeyBias) and (bias.strength, bias.video_tokens) == (0.5, 12)
     assert native.ATTENTION_OVERRIDE not in wrapper_options({native.REFERENCE_STRENGTH: 0.5}, None)
     assert native.ATTENTION_OVERRIDE not in wrapper_options({}, torch.zeros(1, 16, 1, 4, 4))
+
+
+def test_reference_key_bias_runs_sage_attention_as_pytorch_attention(native, monkeypatch):
+    """SageAttention drops masks without a word: with a bias to apply, the self-attention runs ComfyUI's PyTorch
+    attention instead, so the strength is not silently lost."""
+    attention_module = types.ModuleType("comfy.ldm.modules.attention")
+    attention_module.attention_pytorch = attention
+    for name in ("comfy.ldm", "comfy.ldm.modules"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", attention_module)
+
+    def attention_sage(q, k, v, heads, mask=None, **kwargs):
+        return attention(q, k, v, heads)  # the mask is ignored, as sageattn does
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 10, 8, generator=g) for _ in range(3))
+    override = native.ReferenceKeyBias(0.25, video_tokens=6)
+    torch.testing.assert_close(override(attention_sage, q, k, v, heads=2), override(attention, q, k, v, heads=2))
+    assert not torch.allclose(override(attention_sage, q, k, v, heads=2), attention(q, k, v, heads=2))

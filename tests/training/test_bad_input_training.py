@@ -19,7 +19,10 @@ CASES = [
                         ("train.mode", "train: {mode: fulll}"), ("train.learning_rate", "train: {learning_rate: 1}"),
                         ("train.batch_size", "train: {batch_size: 2.5}"), ("data.fps", "data: {fps: 0}"),
                         ("train.ema_decay", "train: {ema_decay: 1.5}"), ("data", "data: 5"),
-                        ("model.dit_config", "model: {dit: a.safetensors, dit_config: {num_layers: 2}}")]],
+                        ("model.dit_config", "model: {dit: a.safetensors, dit_config: {num_layers: 2}}"),
+                        ("distill", "train: {mode: lora}\nalignment: {enabled: false}\n"
+                                    "dropout: {text: 0.0, references: 0.0, both: 0.0}\n"
+                                    "distill: {enabled: true, teacher_steps: 20000}")]],
     *[Case(f"train without model.{key}", api(lambda i, o, key=key: train(load_training_config(None, [
         m for m in TOY_MODELS if not m.startswith(f"model.{key}=")]), o / "run")), RefAlignInputError, f"model.{key}")
       for key in ("dit", "vae", "text_encoder")],
