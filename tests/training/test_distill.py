@@ -106,7 +106,8 @@ def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_l
     assert same_files(tmp_path / "straight" / "lora.safetensors", tmp_path / "killed" / "lora.safetensors")
     with safe_open(tmp_path / "straight" / "lora.safetensors", "pt") as f:
         metadata = f.metadata()
-    assert metadata["refalign.preset"] == "turbo" and json.loads(metadata["refalign.distill"])["student_steps"] == 2
+    assert json.loads(metadata["refalign.distill"])["student_steps"] == 2
+    assert "refalign.preset" not in metadata  # 2 steps is not the turbo preset's 4 (the shipped student is: a test)
     dit = tiny_dit(**load_training_config(cfg).model.dit_config)
     before = dit.blocks[0].attn1.to_q.weight.clone()
     apply_loras(dit, (LoraSpec(str(tmp_path / "straight" / "lora.safetensors"), 1.0),))
