@@ -97,10 +97,10 @@ def generate_segments(denoiser, codec, text, settings: SamplingSettings, referen
                       extension: Extension, *, callback: Callable | None = None,
                       cancel_check: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents `[S, C, T', h, w]`, one clip per segment, and the joined frames `[F, H, W, 3]` in [0, 1],
-    F = `extension.total_frames`). Segment s (0-based) is sampled with seed + s, so segments differ in noise."""
+    F = `extension.total_frames`). Segment s (0-based) is sampled with seed + s, so segments differ in noise.
+    `generate` has checked the extension against the settings."""
     if codec is None:
         raise RefAlignInputError("segments: extension continues from decoded frames and needs a VAE")
-    extension.check(settings)
     steps, overlap = settings.steps, extension.overlap
     segment_latents, pieces, tail, latents = [], [], None, None  # tail: the video's last `overlap` frames
     for index in range(extension.segments):
