@@ -361,6 +361,17 @@ class _Velocity:
         return sum(p.weight * outputs[i] for i, p in enumerate(passes))
 
 
+def guided_velocity(dit, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                    negative_prompt_embeds: torch.Tensor, reference_latents: torch.Tensor,
+                    settings: SamplingSettings) -> torch.Tensor:
+    """The velocity of one step with the three-pass guidance of `settings` (its scales and reference handling):
+    latents `[1, C, T', h, w]`, timestep `[1]` (0–1000); returns fp32 on the CPU, as the sampler's steps get it."""
+    passes = _guidance_passes(prompt_embeds.float(), negative_prompt_embeds.float(), reference_latents.float(),
+                              settings)
+    return _Velocity(dit, {THREE_PASS: passes}, settings.replace(image_guidance_start=0.0, image_guidance_end=1.0,
+                                                                 guidance_steps=None), True)(latents, timestep)
+
+
 def check_positions(settings: SamplingSettings, config, num_references: int) -> None:
     """The video (plus its references on the frame axis) within the DiT's RoPE positions, per axis
     (`rope_max_seq_len` of its config), checked before any work: past them the DiT fails deep inside."""

@@ -8,7 +8,8 @@ Layout of `cache_dir`:
       prompt_embeds      [L, text_dim]           the caption's tokens only (zero-padded at use)
       reference_latents  [A, K, 16, h, w]        A augmented copies of the K references, each a 1-frame VAE encode
       vfm_tokens         [A, K·T, vfm_dim]       VFM features on the DiT reference grid (T = H/16 · W/16), or, with
-      reference_images   [A, K, 3, H, W] uint8   the augmented images instead (alignment.vfm_online)
+      reference_images   [A, K, 3, H, W] uint8   the augmented images instead (alignment.vfm_online); neither
+                                                 without alignment, unless the cache already holds them
   samples/<key>.skip.json   why a clip could not be used
   records-<rank>.jsonl      what each process built (bucket, references or skip reason), appended as it goes
   index.json                the clips of this run's datasets that are in the cache, with their buckets
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,12 +55,15 @@ class CacheSettings:
     seed: int = 0
     vfm_dtype: str = "float16"
     store_images: bool = False  # VFM online: cache the augmented images, not VFM tokens
+    # False: neither (no alignment: distillation, plain fine-tuning); the fingerprint's "vfm" says it, not "settings"
+    vfm_features: bool = True
 
     @classmethod
     def from_config(cls, config) -> "CacheSettings":
         data = config.data
         return cls(tuple(tuple(s) for s in data.buckets.sizes), tuple(data.buckets.frames), data.fps,
-                   data.augment_copies, config.seed, data.vfm_dtype, config.alignment.vfm_online)
+                   data.augment_copies, config.seed, data.vfm_dtype,
+                   config.alignment.enabled and config.alignment.vfm_online, config.alignment.enabled)
 
 
 def model_identity(spec: str | None) -> str:
@@ -74,10 +78,11 @@ def model_identity(spec: str | None) -> str:
 def cache_fingerprint(config) -> dict:
     """What the cached features depend on besides the clips themselves."""
     settings = CacheSettings.from_config(config)
-    return {"version": CACHE_VERSION, "settings": json.loads(json.dumps(asdict(settings))),
-            "vae": model_identity(config.model.vae),
-            "text_encoder": model_identity(config.model.text_encoder),
-            "vfm": model_identity(config.model.vfm) if not settings.store_images else "online"}
+    vfm = "none" if not settings.vfm_features else "online" if settings.store_images else model_identity(config.model.vfm)
+    return {"version": CACHE_VERSION,
+            "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "vfm_features"})),
+            "vae": model_identity(config.model.vae), "text_encoder": model_identity(config.model.text_encoder),
+            "vfm": vfm}
 
 
 def entry_key(entry: ClipEntry) -> str:
@@ -89,11 +94,13 @@ def entry_key(entry: ClipEntry) -> str:
 
 
 def check_fingerprint(cache_dir: Path, fingerprint: dict) -> None:
-    """Refuse a cache built with other settings or models, naming what differs; write the fingerprint if new."""
+    """Refuse a cache built with other settings or models, naming what differs; write the fingerprint if new. A
+    cache with VFM features also serves a run that needs none (its new clips get them too: `prepare_cache`)."""
     path = cache_dir / FINGERPRINT_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
-        differs = sorted(k for k in fingerprint.keys() | saved.keys() if saved.get(k) != fingerprint.get(k))
+        differs = sorted(k for k in fingerprint.keys() | saved.keys() if saved.get(k) != fingerprint.get(k)
+                         and not (k == "vfm" and fingerprint[k] == "none"))
         if differs:
             raise RefAlignInputError(
                 f"data.cache_dir {cache_dir} was built with other {', '.join(differs)} than this run's; point "
@@ -116,7 +123,7 @@ def estimate_sample_bytes(settings: CacheSettings, references: float, text_dim: 
              "reference latents": settings.augment_copies * references * latent_frame}
     if settings.store_images:
         sizes["reference images"] = settings.augment_copies * references * 3 * area
-    else:
+    elif settings.vfm_features:
         sizes["VFM tokens"] = (settings.augment_copies * references * area / 256 * vfm_dim
                                * torch.finfo(getattr(torch, settings.vfm_dtype)).bits / 8)
     return sizes
@@ -180,7 +187,7 @@ def encode_clip(entry: ClipEntry, key: str, settings: CacheSettings, encoders, a
     }
     if settings.store_images:
         tensors["reference_images"] = (copies * 255).round().to(torch.uint8)
-    else:
+    elif settings.vfm_features:
         device = next(vae.parameters()).device  # the encoders share one device
         tokens = encoders.vfm(copies.flatten(0, 1).to(device))  # [A·K, T, D]
         tensors["vfm_tokens"] = tokens.unflatten(0, (a, k)).flatten(1, 2).to(getattr(torch, settings.vfm_dtype)).cpu()
@@ -359,7 +366,7 @@ def _dataset_entries(config, output_dir: Path, accelerator) -> list[ClipEntry]:
 def _log_estimate(cache_dir: Path, settings: CacheSettings, todo: list, total: int, encoders) -> None:
     """How much the clips still to encode will take of the cache's disk, with a warning when it may not fit."""
     mean_refs = sum(len(e.references) for e, _ in todo) / len(todo)
-    vfm_dim = 0 if settings.store_images else encoders.vfm.dim
+    vfm_dim = encoders.vfm.dim if settings.vfm_features and not settings.store_images else 0
     sizes = estimate_sample_bytes(settings, mean_refs, encoders.text_encoder.dim, vfm_dim)
     per_clip = sum(sizes.values())
     free = shutil.disk_usage(cache_dir).free
@@ -379,7 +386,8 @@ def prepare_cache(config, output_dir: Path, accelerator, encoders) -> FeatureCac
     if accelerator.is_main_process:
         check_fingerprint(cache_dir, cache_fingerprint(config))
     accelerator.wait_for_everyone()
-    settings = CacheSettings.from_config(config)
+    saved = json.loads((cache_dir / FINGERPRINT_FILE).read_text())  # this run's, or a cache that serves it
+    settings = replace(CacheSettings.from_config(config), vfm_features=saved["vfm"] != "none")
     todo = missing_entries(entries, cache_dir)
     if todo and accelerator.is_main_process:
         _log_estimate(cache_dir, settings, todo, len(entries), encoders)

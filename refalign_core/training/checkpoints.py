@@ -89,19 +89,19 @@ def _like(full: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
 
 
 def drop_rows_after(path: Path, step: int, columns: list[str]) -> None:
-    """Bring a step-indexed CSV log back to checkpoint `step`: the header, then the whole rows of steps ≤ `step`.
-    Rows logged after the checkpoint (a resumed run logs them again) and a row cut by a kill are dropped; the file
-    is replaced atomically."""
-    lines = path.read_text().split("\n")[1:-1] if path.is_file() else []  # [-1]: after the last newline, cut or ""
-    kept = [line for line in lines if _row_until(line, len(columns), step)]
+    """Bring a step-indexed CSV log back to checkpoint `step`: the header `columns`, then the whole rows of steps
+    ≤ `step`. Rows logged after the checkpoint (a resumed run logs them again) and a row cut by a kill are dropped; a
+    file written with other columns keeps its rows, under the columns of the same name. Replaced atomically."""
+    lines = path.read_text().split("\n") if path.is_file() else [""]
+    header = lines[0].split(",")
+    kept = [fields for fields in csv.reader(lines[1:-1])  # [-1]: after the last newline, cut or ""
+            if len(fields) == len(header) and fields[0].isdigit() and int(fields[0]) <= step]
+    if header != columns:
+        kept = [[dict(zip(header, fields)).get(c, "") for c in columns] for fields in kept]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join([",".join(columns)] + kept) + "\n")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([columns] + kept)
     os.replace(tmp, path)
-
-
-def _row_until(line: str, width: int, step: int) -> bool:
-    fields = next(csv.reader([line]), [])
-    return len(fields) == width and fields[0].isdigit() and int(fields[0]) <= step
 
 
 class Checkpoints:

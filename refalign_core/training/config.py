@@ -173,10 +173,18 @@ class DistillConfig:
     teacher_image_scale: float = SamplingSettings.image_scale
     teacher_text_scale: float = SamplingSettings.text_scale
     negative_prompt: str | None = None  # the teacher's; None: the Wan2.1 negative prompt of the official inference
+    # the loss's terms (`distill.py`): the distance to the teacher's sample from the same noise (0: the teacher does
+    # not sample), and distribution matching, which adds a second LoRA, the fake score, trained with the student
+    regression_weight: float = field(default=1.0, metadata=NON_NEGATIVE)
+    dmd_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
 
     def teacher(self, shift: float) -> SamplingSettings:
         return SamplingSettings(steps=self.teacher_steps, shift=shift, image_scale=self.teacher_image_scale,
                                 text_scale=self.teacher_text_scale)
+
+    def student(self, settings: SamplingSettings) -> SamplingSettings:
+        """`settings` sampled as the student is trained: its Euler steps, the prompt pass alone."""
+        return settings.replace(steps=self.student_steps, guidance_steps=0, sampler="euler")
 
 
 @dataclass
@@ -205,6 +213,9 @@ class TrainingConfig:
                 self.distill.teacher(self.shift)
             except RefAlignInputError as e:
                 _fail(source, "distill", f"the teacher's settings: {e}")
+            if not (self.distill.regression_weight or self.distill.dmd_weight):
+                _fail(source, "distill.regression_weight", "distill.regression_weight and distill.dmd_weight are "
+                                                           "both 0: give at least one a weight above 0")
             if self.train.mode != "lora":
                 _fail(source, "distill.enabled", "the student is LoRA adapters on the frozen teacher: set train.mode: "
                                                  "lora")

@@ -7,36 +7,36 @@ from pathlib import Path
 from .checkpoints import drop_rows_after
 from .previews import read_identity_log
 
-LOG_COLUMNS = ["step", "loss", "fm", "ra_pos", "ra_neg", "ra_gated", "lr", "timestep", "batch", "seconds"]
+def log_columns(terms: tuple[str, ...]) -> list[str]:
+    """log.csv's columns for a training module's logged terms (its `LOG_TERMS`)."""
+    return ["step", "loss", *terms, "lr", "timestep", "batch", "seconds"]
 
 
 class TrainingLog:
-    """log.csv: one row per step; a resumed run first drops the rows past its checkpoint."""
+    """log.csv: one row per step, a column per logged term of the training module; a resumed run first drops the
+    rows past its checkpoint."""
 
-    def __init__(self, path: Path, start: int, main: bool):
-        self.path, self.main = path, main
+    def __init__(self, path: Path, start: int, main: bool, terms: tuple[str, ...]):
+        self.path, self.main, self.columns = path, main, log_columns(terms)
         if main:
-            drop_rows_after(path, start, LOG_COLUMNS)
+            drop_rows_after(path, start, self.columns)
 
     def write(self, step: int, losses, batch, lr: float, began: float) -> None:
         """The row of `step` (its last micro-batch's losses; the step began at `time.perf_counter()` `began`)."""
-        kept = batch.keep_references > 0  # RA terms are blank where the references were dropped
-        several = bool((kept & (batch.num_references > 1)).any())
-        values = {"step": step, "loss": losses.total.item(), "fm": losses.fm.item(),
-                  "ra_pos": losses.ra_positive.item() if bool(kept.any()) else None,
-                  "ra_neg": losses.ra_negative.item() if several else None, "ra_gated": losses.ra_gated.item(),
+        values = {"step": step, "loss": losses.total.item(),
+                  **{k: None if v is None else v.item() for k, v in losses.terms.items()},
                   "lr": lr, "timestep": losses.timestep.float().mean().item(), "batch": len(batch.latents),
                   "seconds": time.perf_counter() - began}
         if self.main:
             with self.path.open("a") as f:
                 f.write(",".join("" if values.get(k) is None else f"{values[k]:.6g}" if isinstance(values[k], float)
-                                 else str(values[k]) for k in LOG_COLUMNS) + "\n")
+                                 else str(values[k]) for k in self.columns) + "\n")
 
 
 def _plot_terms(ax, rows: list[dict], keys: list[str]) -> None:
     """Per-step values of `keys`, with an exponential moving average of the noisy ones (random t, dropout)."""
     for key in keys:
-        points = [(int(r["step"]), float(r[key])) for r in rows if r[key] != ""]
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if not points:
             continue
         steps, values = zip(*points)
@@ -49,8 +49,10 @@ def _plot_terms(ax, rows: list[dict], keys: list[str]) -> None:
             ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (EMA)")
 
 
-def plot_log(csv_path: Path, png_path: Path, identity_csv: Path | None = None) -> None:
-    """Loss terms (with an exponential moving average), learning rate and, with previews, identity per subject."""
+def plot_log(csv_path: Path, png_path: Path, panels: tuple[tuple[str, ...], ...],
+             identity_csv: Path | None = None) -> None:
+    """Loss terms in `panels` (with an exponential moving average), learning rate and, with previews, identity per
+    subject."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,7 +61,7 @@ def plot_log(csv_path: Path, png_path: Path, identity_csv: Path | None = None) -
     if not rows:
         return
     identity = read_identity_log(identity_csv) if identity_csv is not None else {}
-    panels = [["fm"], ["ra_pos", "ra_neg"], ["lr"]] + ([["identity"]] if identity else [])
+    panels = [list(keys) for keys in panels] + [["lr"]] + ([["identity"]] if identity else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.5))
     for ax, keys in zip(axes, panels):
         if keys == ["identity"]:

@@ -6,6 +6,7 @@ read it) or `lora.safetensors` (ComfyUI LoraLoader keys) in LoRA mode; `projecto
 `checkpoints/step-N/`; `log.csv`; `loss.png`; `previews/` when sample prompts are given."""
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -67,6 +68,16 @@ def _resume(resume_from: tuple[Path, dict] | None, checkpoints, optimizer, sched
     return saved["step"]
 
 
+def _sample_prompts(config: TrainingConfig) -> list | None:
+    """The previews' sample prompts (None: no previews); distilling, each is sampled as the student is."""
+    if not config.previews.prompts:
+        return None
+    prompts = read_sample_prompts(config.previews.prompts, config.previews.shift or config.shift)
+    if config.distill.enabled:
+        prompts = [dataclasses.replace(p, settings=config.distill.student(p.settings)) for p in prompts]
+    return prompts
+
+
 def _open_previews(prompts, encoders, output_dir: Path, accelerator, start: int) -> Previews | None:
     """The previews of the sample prompts (their inputs encoded once, by the main process), or None."""
     if prompts is None:
@@ -120,8 +131,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
 
     config, output_dir = config.validated(), Path(output_dir)
     check_inputs(config, output_dir)
-    prompts = read_sample_prompts(config.previews.prompts, config.previews.shift or config.shift) \
-        if config.previews.prompts else None
+    prompts = _sample_prompts(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     # a lock per process rank: the processes of one launch do not block each other, a second launch is refused
     with OutputLock(output_dir, "--output-dir", folder=True, name=f".lock-rank{os.environ.get('RANK', '0')}"):
@@ -144,7 +154,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         text_length = config.text_length or encoders.text_encoder.length
         module = build_module(config, vfm.dim if vfm is not None else cache.vfm_dim, vfm,
                               negative=teacher_negative(config, encoders.text_encoder, text_length))
-        dit_config = module.dit.config
+        dit_config, terms, panels = module.dit.config, module.LOG_TERMS, module.PLOT_PANELS
         module, optimizer, scheduler = prepare(accelerator, module, config)
         params = [p for p in module.parameters() if p.requires_grad]
         ema = make_ema(params, t.ema_decay)  # exported instead of the raw weights
@@ -157,7 +167,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
                                        text_length=text_length)
         encoders.release_text_encoder()
         batches = iter(_loader(cache, config, accelerator, start))
-        log = TrainingLog(output_dir / "log.csv", start, main)
+        log = TrainingLog(output_dir / "log.csv", start, main, terms)
 
         # loop: L = L_FM + λ·g(t)·L_RA (or, distilling, the student's distance to the teacher), accumulated over
         # train.grad_accum micro-batches
@@ -182,7 +192,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
             done = step + 1
             log.write(done, losses, batch, scheduler.get_last_lr()[0], began)
             bar.update(1)
-            bar.set_postfix(fm=f"{losses.fm.item():.3f}")
+            bar.set_postfix(loss=f"{losses.total.item():.3f}")
             if previews is not None and (done % config.previews.every == 0 or done == t.max_steps):
                 _preview(previews, done, accelerator, module, ema, params)
             if done % t.checkpoint_every == 0 or done == t.max_steps:
@@ -198,7 +208,7 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         files = {}
         if main:
             files = export(state, dit_config, output_dir, config) | {"log": log.path}
-            plot_log(log.path, output_dir / "loss.png", previews.scores_path if previews is not None else None)
+            plot_log(log.path, output_dir / "loss.png", panels, previews.scores_path if previews is not None else None)
             print(f"exported to {output_dir}", flush=True)
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -3,6 +3,7 @@ low-precision base weights, the alignment projectors and the EMA. A DiT starts f
 weights (seeded with `seed`) with the architecture `model.dit_config`."""
 
 import functools
+import warnings
 
 import torch
 
@@ -15,7 +16,7 @@ from ..models.vae import load_vae
 from ..models.vfm import load_vfm
 from .alignment import AlignmentProjectors, default_aligned_blocks
 from .config import TrainingConfig
-from .distill import DistillationModule
+from .distill import FAKE_SCORE, STUDENT, DistillationModule
 from .module import LORA_TARGETS, RefAlignTrainingModule
 
 WEIGHT_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp8_e4m3fn")}  # memory.base_weights
@@ -113,8 +114,9 @@ def _projectors(config: TrainingConfig, dit, vfm_dim: int) -> AlignmentProjector
     return projectors
 
 
-def _make_trainable(config: TrainingConfig, dit) -> None:
-    """LoRA adapters (trained in fp32 over any base storage) on a frozen DiT, or the whole DiT trainable."""
+def _make_trainable(config: TrainingConfig, dit, adapters: tuple[str, ...] = (STUDENT,)) -> None:
+    """LoRA adapters (trained in fp32 over any base storage; the first is the active one) on a frozen DiT, or the
+    whole DiT trainable."""
     t = config.train
     if t.mode != "lora":
         dit.requires_grad_(True)
@@ -122,11 +124,17 @@ def _make_trainable(config: TrainingConfig, dit) -> None:
     from peft import LoraConfig
 
     dit.requires_grad_(False)
-    dit.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=LORA_TARGETS,
-                               init_lora_weights=True))
+    for adapter in adapters:
+        with warnings.catch_warnings():  # peft warns of "multiple adapters" from the second on: they are meant
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")
+            dit.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, target_modules=LORA_TARGETS,
+                                       init_lora_weights=True), adapter_name=adapter)
+    if len(adapters) > 1:
+        dit.set_adapters(adapters[0])
     for name, param in dit.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
+            param.requires_grad_(True)
 
 
 def build_module(config: TrainingConfig, vfm_dim: int, vfm=None, negative: torch.Tensor | None = None):
@@ -135,11 +143,12 @@ def build_module(config: TrainingConfig, vfm_dim: int, vfm=None, negative: torch
     torch.manual_seed(config.seed)
     dit = _load_dit(config)
     if config.distill.enabled:
-        _make_trainable(config, dit)
+        d = config.distill
+        _make_trainable(config, dit, (STUDENT, FAKE_SCORE) if d.dmd_weight else (STUDENT,))
         if config.memory.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
-        d = config.distill
-        return DistillationModule(dit, d.teacher(config.shift), negative, d.student_steps, config.shift)
+        return DistillationModule(dit, d.teacher(config.shift), negative, d.student_steps, config.shift,
+                                  d.regression_weight, d.dmd_weight)
     projectors = _projectors(config, dit, vfm_dim)
     _make_trainable(config, dit)
     if config.memory.gradient_checkpointing:

@@ -74,16 +74,18 @@ def make_training_batch(samples: list[dict], null_prompt: torch.Tensor, generato
 
 @dataclass
 class StepLosses:
+    """One micro-step: the loss to minimise, the logged terms by name (detached scalars; None where a term does not
+    apply to this batch) and the timesteps `[B]`."""
     total: torch.Tensor
-    fm: torch.Tensor
-    ra_positive: torch.Tensor
-    ra_negative: torch.Tensor
-    ra_gated: torch.Tensor
+    terms: dict[str, torch.Tensor | None]
     timestep: torch.Tensor
 
 
 class RefAlignTrainingModule(nn.Module):
     """DiT + projectors; `forward(batch)` returns L = L_FM + λ·g(t)·L_RA (one module, so DDP wraps both)."""
+
+    LOG_TERMS = ("fm", "ra_pos", "ra_neg", "ra_gated")  # the log's columns, plotted in these panels:
+    PLOT_PANELS = (("fm",), ("ra_pos", "ra_neg"))
 
     def __init__(self, dit: nn.Module, projectors: AlignmentProjectors | None, ra_weight: float = 1.0,
                  shift: float = 5.0, pos_margin: float = 0.0, neg_margin: float = 1.0, neg_weight: float = 1.0,
@@ -119,14 +121,17 @@ class RefAlignTrainingModule(nn.Module):
         out = self.dit(fm.noisy, fm.timesteps, batch.text.to(device), reference_latents=batch.references.to(device),
                        reference_feature_blocks=blocks, reference_mask=mask)
         loss_fm = fm_loss(out.sample, fm)
-        zero = loss_fm.new_zeros(())
         if self.projectors is None:
-            return StepLosses(loss_fm, loss_fm.detach(), zero, zero, zero, fm.timesteps)
+            return StepLosses(loss_fm, {"fm": loss_fm.detach(), "ra_pos": None, "ra_neg": None,
+                                        "ra_gated": loss_fm.new_zeros(())}, fm.timesteps)
         ra = ra_loss(out.reference_features, self.teacher_tokens(batch, device), self.projectors, mask,
                      keep=batch.keep_references.to(device), gate=ra_gate(fm.timesteps), **self.margins)
         total = loss_fm + self.ra_weight * ra.total
-        return StepLosses(total, loss_fm.detach(), ra.positive.detach(), ra.negative.detach(), ra.total.detach(),
-                          fm.timesteps)
+        kept = batch.keep_references > 0  # the RA terms are blank where the references were dropped
+        several = bool((kept & (batch.num_references > 1)).any())  # the negative term needs two subjects
+        return StepLosses(total, {"fm": loss_fm.detach(), "ra_pos": ra.positive.detach() if bool(kept.any()) else None,
+                                  "ra_neg": ra.negative.detach() if several else None,
+                                  "ra_gated": ra.total.detach()}, fm.timesteps)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from refalign_core.errors import RefAlignInputError
-from refalign_core.models.safetensors_io import write_safetensors
+from refalign_core.models.safetensors_io import read_safetensors, write_safetensors
 from refalign_core.models.text_encoder import TextEncoder
 from tiny_models import char_tokenizer, tiny_text_encoder
 from refalign_core.training.buckets import BucketBatchSampler, assign_bucket
@@ -232,6 +232,21 @@ def test_cache_resumes_where_it_stopped_and_refuses_other_settings(tmp_path, cre
     check_fingerprint(cache_dir, fingerprint)  # same settings: fine
     with pytest.raises(RefAlignInputError, match="other settings, vae"):
         check_fingerprint(cache_dir, {"settings": {"augment_copies": 4}, "vae": "b"})
+
+
+def test_a_cache_for_no_alignment_holds_no_vfm_features_and_a_cache_with_them_serves_it(tmp_path, creator_folder,
+                                                                                        encoders):
+    entries = read_folder(creator_folder, SkipCounter())
+    settings = CacheSettings(sizes=((64, 48),), frames=(5,), fps=None, augment_copies=1, vfm_features=False)
+    assert build_cache(entries, tmp_path / "plain", settings, encoders, progress=False) == 2
+    samples = [read_safetensors(f, "sample")[0] for f in (tmp_path / "plain" / "samples").glob("*.safetensors")]
+    assert len(samples) == 2 and all("reference_latents" in s and "vfm_tokens" not in s for s in samples)
+    with_vfm, without = {"settings": {}, "vfm": "efficientnet-lite0"}, {"settings": {}, "vfm": "none"}
+    check_fingerprint(tmp_path / "aligned", with_vfm)
+    check_fingerprint(tmp_path / "aligned", without)  # a superset: served
+    check_fingerprint(tmp_path / "unaligned", without)
+    with pytest.raises(RefAlignInputError, match="other vfm"):
+        check_fingerprint(tmp_path / "unaligned", with_vfm)
 
 
 def test_prepare_reports_counts_skips_histograms_and_a_contact_sheet(tmp_path, creator_folder):
