@@ -1,9 +1,11 @@
 """GPU check at real size (for a session that is lent a GPU; see bench/gpu_check.sh): Wan2.1-1.3B shapes with
 random weights, 480×832×81 (32 760 video tokens + one reference), bf16, 3 steps of three-pass guidance.
 
-Rows: s/step and peak memory for each attention backend that is installed, with and without a cache, fp8 weight
-storage, block swap (diffusers group offload), and diffusers' own `WanTransformer3DModel` forward on the same video
-tokens (three passes without the reference tail) as the yardstick."""
+Rows: s/step, s/video at the row's steps and peak memory for each attention backend that is installed, with and
+without a cache, fp8 weight storage, block swap (diffusers group offload), the turbo preset (what a distilled
+student costs: its LoRA is fused, so it runs at the base model's speed) against the official 50 steps of three
+passes, and diffusers' own `WanTransformer3DModel` forward on the same video tokens (three passes without the
+reference tail) as the yardstick."""
 
 import statistics
 import sys
@@ -16,7 +18,7 @@ from diffusers import WanTransformer3DModel
 from refalign_core.inference.acceleration import ATTENTION_BACKENDS, attention_backend_available, set_attention_backend
 from refalign_core.models.checkpoint import apply_layerwise_casting
 from refalign_core.inference.pipeline import DiTDenoiser, generate
-from refalign_core.inference.sampler import SamplingSettings
+from refalign_core.inference.sampler import PRESETS, SamplingSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random models
 from tiny_models import tiny_dit  # noqa: E402
@@ -33,13 +35,13 @@ def inputs():
             torch.randn(1, 16, 1, 60, 104, generator=g))
 
 
-def timed(run) -> tuple[float, float]:
+def timed(run, steps: int = SETTINGS.steps) -> tuple[float, float]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     run()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / SETTINGS.steps, torch.cuda.max_memory_allocated() / 2**30
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
 
 
 def dit(storage=torch.bfloat16, block_swap=False):
@@ -64,24 +66,29 @@ def row(name, model, **options):
         return generate(DiTDenoiser(model), None, (prompt, negative), settings, reference_latents=references)
 
     sample(settings.replace(steps=1))  # warm-up
-    step, peak = timed(lambda: sample(settings))
-    print(f"{name:40s} {step:8.2f} s/step {peak:7.1f} GiB", flush=True)
+    step, peak = timed(lambda: sample(settings), settings.steps)
+    print(f"{name:40s} {step:8.2f} s/step {step * settings.steps:8.2f} s/video at {settings.steps} steps "
+          f"{peak:7.1f} GiB", flush=True)
+    return step
 
 
 def main():
     print(torch.cuda.get_device_name(), torch.__version__)
-    model = dit()
+    model, three_pass = dit(), {}
     for backend in ATTENTION_BACKENDS:
         ok, why = attention_backend_available(backend, DEVICE)
         if not ok:
             print(f"{backend:40s} skipped: {why}")
             continue
         set_attention_backend(model, backend)
-        row(f"{backend}", model)
+        three_pass[backend] = row(f"{backend}", model)
         row(f"{backend} + text_kv_cache", model, text_kv_cache=True)
         row(f"{backend} + first_block 0.05", model, cache="first_block")
         row(f"{backend} + taylorseer every 3", model, cache="taylorseer", cache_interval=3)
     set_attention_backend(model, "native")
+    turbo = row("native, turbo preset (one pass)", model, **PRESETS["turbo"])
+    speedup = 50 * three_pass["native"] / (turbo * PRESETS["turbo"]["steps"])
+    print(f"{'turbo vs 50 three-pass steps (native)':40s} {speedup:8.1f}× faster denoising", flush=True)
     del model
     torch.cuda.empty_cache()
     row("native, fp8 storage", dit(torch.float8_e4m3fn))

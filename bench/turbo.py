@@ -9,9 +9,11 @@ accuracy, confusion and mean attribute accuracy (shape, pattern, colours per lan
 accuracy on this undertrained toy), each a mean over cases with a 95 % bootstrap interval, and the latent RMSE to the
 teacher from the same noise.
 
-    python bench/turbo.py --student runs/toy_turbo/lora.safetensors [--cases 24] [--seeds 3]
+    python bench/turbo.py --student runs/toy_turbo/lora.safetensors [--compare OTHER.safetensors ...]
+        [--cases 24] [--seeds 3]
 
-Prints `relative accuracy: <student ÷ teacher>` and, last, `ratio: <teacher wall ÷ student wall>`."""
+`--compare` adds other students (e.g. another distillation recipe) to the table. Prints, for `--student`,
+`relative accuracy: <student ÷ teacher>` and, last, `ratio: <teacher wall ÷ student wall>`."""
 
 import argparse
 import json
@@ -63,6 +65,8 @@ def run(pipe, settings, cases, seeds, judge, counts) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", required=True, help="the student LoRA (.safetensors)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LORA",
+                        help="another student LoRA, shown in the table as `student: LORA`")
     parser.add_argument("--cases", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", help="write every number here")
@@ -76,8 +80,9 @@ def main(argv=None) -> int:
 
     results = {"teacher": run(pipe, teacher_settings, cases, args.seeds, judge, counts),
                "turbo preset, no LoRA": run(pipe, turbo_settings, cases, args.seeds, judge, counts)}
-    pipe.set_loras((LoraSpec(args.student, 1.0),))
-    results["student"] = run(pipe, turbo_settings, cases, args.seeds, judge, counts)
+    for name, path in [("student", args.student)] + [(f"student: {path}", path) for path in args.compare]:
+        pipe.set_loras((LoraSpec(path, 1.0),))
+        results[name] = run(pipe, turbo_settings, cases, args.seeds, judge, counts)
     pipe.set_loras(())
 
     teacher_latents = results["teacher"]["latents"]
@@ -97,11 +102,19 @@ def main(argv=None) -> int:
         print(f"| {name} | {result['evaluations']:.0f} | {result['denoise_median']:.3f} s | "
               f"{result['wall_median']:.3f} s | " + " | ".join(
             f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in cells.values()) + f" | {rmse:.3f} |")
+    compared = [name for name in results if name.startswith("student: ")]
+    if compared:
+        print("\npaired difference per case to `student` (other − student) [95 % interval]:")
+        for name in compared:
+            print(f"- {name}: " + ", ".join(
+                "{} {:+.3f} [{:+.3f}, {:+.3f}]".format(key, *interval(
+                    [o[key] - s_[key] for o, s_ in zip(results[name]["rows"], results["student"]["rows"])]))
+                for key in ("accuracy", "confusion", "attributes")))
     teacher, student = summary["teacher"], summary["student"]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cases": args.cases, "seeds": args.seeds, "student": args.student, "results": summary}, f,
-                      indent=1)
+            json.dump({"cases": args.cases, "seeds": args.seeds, "student": args.student, "compare": args.compare,
+                       "results": summary}, f, indent=1)
     ratio = lambda key: student[key][0] / teacher[key][0] if teacher[key][0] else float("nan")  # noqa: E731
     print(f"\nrelative attribute accuracy: {ratio('attributes'):.3f}")
     print(f"relative accuracy: {ratio('accuracy'):.3f}")

@@ -25,7 +25,8 @@ def export(state: dict[str, torch.Tensor], dit_config, output_dir: Path, config:
         if d.enabled:
             meta = {"refalign.distill": json.dumps(
                 {"student_steps": d.student_steps, "shift": config.shift, "teacher_steps": d.teacher_steps,
-                 "teacher_image_scale": d.teacher_image_scale, "teacher_text_scale": d.teacher_text_scale})}
+                 "teacher_image_scale": d.teacher_image_scale, "teacher_text_scale": d.teacher_text_scale,
+                 "regression_weight": d.regression_weight, "dmd_weight": d.dmd_weight})}
             if d.student_steps == PRESETS["turbo"]["steps"]:
                 meta["refalign.preset"] = "turbo"
         write_safetensors(lora_state_dict_for_comfyui(dit_state, config.train.lora_alpha), files["lora"], meta)

@@ -71,7 +71,8 @@ def plot_log(csv_path: Path, png_path: Path, panels: tuple[tuple[str, ...], ...]
         else:
             _plot_terms(ax, rows, keys)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a term logged by none of the steps has no line
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)

@@ -2,6 +2,7 @@
 base sampled with three-pass guidance and, with distribution matching, against a fake score (its own adapters); what
 it trains is what the turbo preset samples; a run resumes bit-exactly and exports the student alone."""
 
+import csv
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from refalign_core.training import load_training_config
 from refalign_core.training.distill import FAKE_SCORE, STUDENT, DistillationModule, running_as, student_sample
 from refalign_core.training.module import LORA_TARGETS, TrainingBatch
 from tiny_models import TINY_DIT, tiny_dit
-from train_runs import config, run, run_killed_at_checkpoint, same_files
+from train_runs import accelerate_fsdp, config, run, run_killed_at_checkpoint, same_files, torchrun
 
 TEXT = TINY_DIT["text_dim"]
 TEACHER = SamplingSettings(steps=3, shift=3.0, image_scale=2.0, text_scale=3.0)
@@ -164,3 +165,22 @@ def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_l
     before = dit.blocks[0].attn1.to_q.weight.clone()
     apply_loras(dit, (LoraSpec(str(tmp_path / "straight" / "lora.safetensors"), 1.0),))
     assert not torch.equal(dit.blocks[0].attn1.to_q.weight, before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+def test_distribution_matching_distils_on_two_processes(tmp_path, toy_data, launcher):
+    """The adapters switch inside the forward (teacher, student, fake score): under DDP and FSDP2 too."""
+    launch = torchrun(29631) if launcher == "ddp" else accelerate_fsdp(29641)
+    cfg = config(tmp_path, toy_data, train={"mode": "lora", "lora_rank": 4, "max_steps": 2, "checkpoint_every": 2,
+                                            "batch_size": 1},
+                 alignment={"enabled": False}, dropout={"text": 0.0, "references": 0.0, "both": 0.0},
+                 distill={"enabled": True, "student_steps": 2, "teacher_steps": 2, "negative_prompt": "",
+                          "regression_weight": 0.0, "dmd_weight": 1.0})
+    result = run(["--config", cfg, "--output-dir", tmp_path / "run"], launcher=launch)
+    assert f"{'FSDP' if launcher == 'fsdp' else 'MULTI_CPU'} on 2 processes" in result.stderr
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert len(rows) == 2 and all(float(r["dmd"]) > 0 and float(r["fake_score"]) > 0 and not r["regression"]
+                                  for r in rows)
+    with safe_open(tmp_path / "run" / "lora.safetensors", "pt") as f:
+        assert f.keys() and not any(FAKE_SCORE in k for k in f.keys())
