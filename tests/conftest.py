@@ -1,5 +1,15 @@
+import os
+
 import pytest
+import torch
+
 from tiny_models import tiny_dit, tiny_vae, write_tiny_text_encoder
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores are shared among the workers (pytest-xdist, `-n auto`)
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and the commands a test runs
+
 
 
 @pytest.fixture
