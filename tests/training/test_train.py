@@ -1,5 +1,5 @@
 """train/train.py and `refalign_core.training.train`: the tiny recipe end to end with previews, bit-exact resume
-(1 process, DDP, FSDP2 on CPU), LoRA export over fp8 base weights, resume safety, config errors."""
+(1 process; DDP and FSDP2: test_train_processes.py), LoRA export over fp8 base weights, resume safety, config errors."""
 
 import csv
 import json
@@ -15,26 +15,14 @@ from refalign_core.models.checkpoint import dit_from_state_dict, dit_state_dict_
 from refalign_core.errors import RefAlignInputError
 from refalign_core.models.lora import merge_lora
 from tiny_models import tiny_dit
-from refalign_core.toy.world import make_toy_world
 from refalign_core.training import LORA_TARGETS, load_training_config, lora_state_dict_for_comfyui
-from train_runs import (ENV, ROOT, TINY, TRAIN, accelerate_fsdp, config, run, run_killed_at_checkpoint, same_files,
-                        torchrun)
+from train_runs import ENV, ROOT, TINY, TRAIN, config, run, run_killed_at_checkpoint, same_files
+
 
 def initial_dit():
     """The DiT tiny.yaml starts from (random weights, the config's seed)."""
     config = load_training_config(TINY)
     return tiny_dit(config.seed, **config.model.dit_config)
-
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """The toy world and its feature cache, shared by every run here."""
-    folder = tmp_path_factory.mktemp("toy_data")
-    manifest = make_toy_world(folder / "world", num_videos=8, size=64, frames=17)
-    info = {"manifest": manifest, "cache": folder / "cache"}
-    run(["--config", config(folder, info), "--output-dir", folder / "cache_run", "--cache-only"])
-    return info
 
 
 @pytest.fixture(scope="module")
@@ -134,32 +122,6 @@ def test_killed_at_random_moments_it_always_resumes_bit_exactly(tmp_path, data):
         assert same_files(tmp_path / "straight" / name, tmp_path / "killed" / name)
     rows = [r["step"] for r in csv.DictReader((tmp_path / "killed" / "log.csv").open())]
     assert rows == [str(i) for i in range(1, 25)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
-def test_two_processes_resume_bit_exactly(tmp_path, data, launcher):
-    """2 CPU processes (gloo): DDP through torchrun, FSDP2 through `accelerate launch` with the shipped config."""
-    port = 29611 if launcher == "ddp" else 29621
-    launch = torchrun(port) if launcher == "ddp" else accelerate_fsdp(port)
-    fresh_cache = {"cache_dir": str(tmp_path / "cache")} if launcher == "ddp" else {}
-    cfg = config(tmp_path, data, train={"checkpoint_every": 3, "ema_decay": 0.9}, data=fresh_cache)
-    straight = run(["--config", cfg, "--output-dir", tmp_path / "straight", "--max-steps", 6], launcher=launch)
-    assert straight.stdout.count("exported to") == 1  # only the main process writes
-    assert f"{'FSDP' if launcher == 'fsdp' else 'MULTI_CPU'} on 2 processes" in straight.stderr
-    if fresh_cache:  # both processes encoded their share of the clips, after an estimate of the cache's size
-        assert "8 of 8 clips to encode, about" in straight.stderr
-        assert all(len((tmp_path / "cache" / f"records-{r}.jsonl").read_text().splitlines()) == 4 for r in (0, 1))
-    run(["--config", cfg, "--output-dir", tmp_path / "resumed", "--max-steps", 3], launcher=launch)
-    run(["--config", cfg, "--output-dir", tmp_path / "resumed", "--max-steps", 6, "--resume"], launcher=launch)
-    for name in ("dit.safetensors", "projectors.safetensors"):
-        assert same_files(tmp_path / "straight" / name, tmp_path / "resumed" / name)
-    if launcher == "fsdp":
-        assert (tmp_path / "resumed" / "checkpoints" / "step-000006" / "pytorch_model_fsdp_0").is_dir()  # sharded
-    run(["--config", cfg, "--output-dir", tmp_path / "single", "--max-steps", 6])
-    a, b = load_file(tmp_path / "straight" / "dit.safetensors"), load_file(tmp_path / "single" / "dit.safetensors")
-    # two processes see different clips and average their gradients: another model than one process trains
-    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_vfm_online_caches_images_and_trains_through_dataloader_workers(tmp_path, data):
