@@ -254,3 +254,13 @@ def test_a_resumed_log_keeps_whole_rows_up_to_the_checkpoint(tmp_path):
     drop_rows_after(log, 0, ["step", "prompt", "subject", "identity"])
     assert log.read_text() == 'step,prompt,subject,identity\n0,0,"a, b",0.5\n'
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_resumed_log_with_other_columns_keeps_its_rows_under_the_same_names(tmp_path):
+    from refalign_core.training.checkpoints import drop_rows_after
+
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,fm,lr\n1,0.5,0.5,0.1\n2,0.4,0.4,0.1\n3,0.3,0.3,0.1\n")
+    drop_rows_after(log, 2, ["step", "loss", "regression", "lr"])
+    assert log.read_text() == "step,loss,regression,lr\n1,0.5,,0.1\n2,0.4,,0.1\n"
+
