@@ -78,7 +78,8 @@ def model_identity(spec: str | None) -> str:
 def cache_fingerprint(config) -> dict:
     """What the cached features depend on besides the clips themselves."""
     settings = CacheSettings.from_config(config)
-    vfm = "none" if not settings.vfm_features else "online" if settings.store_images else model_identity(config.model.vfm)
+    vfm = ("none" if not settings.vfm_features else "online" if settings.store_images
+           else model_identity(config.model.vfm))
     return {"version": CACHE_VERSION,
             "settings": json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "vfm_features"})),
             "vae": model_identity(config.model.vae), "text_encoder": model_identity(config.model.text_encoder),

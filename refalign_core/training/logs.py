@@ -7,17 +7,14 @@ from pathlib import Path
 from .checkpoints import drop_rows_after
 from .previews import read_identity_log
 
-def log_columns(terms: tuple[str, ...]) -> list[str]:
-    """log.csv's columns for a training module's logged terms (its `LOG_TERMS`)."""
-    return ["step", "loss", *terms, "lr", "timestep", "batch", "seconds"]
-
 
 class TrainingLog:
-    """log.csv: one row per step, a column per logged term of the training module; a resumed run first drops the
-    rows past its checkpoint."""
+    """log.csv: one row per step, a column per logged term of the training module (its `LOG_TERMS`); a resumed run
+    first drops the rows past its checkpoint."""
 
     def __init__(self, path: Path, start: int, main: bool, terms: tuple[str, ...]):
-        self.path, self.main, self.columns = path, main, log_columns(terms)
+        self.path, self.main = path, main
+        self.columns = ["step", "loss", *terms, "lr", "timestep", "batch", "seconds"]
         if main:
             drop_rows_after(path, start, self.columns)
 
