@@ -7,13 +7,16 @@ Per configuration: DiT evaluations per video (counted on the DiT), the denoising
 video (medians; the wall adds the text encoder, the references' VAE encoding and the decoding), the world judge's
 accuracy, confusion and mean attribute accuracy (shape, pattern, colours per lane; more signal than whole-subject
 accuracy on this undertrained toy), each a mean over cases with a 95 % bootstrap interval, and the latent RMSE to the
-teacher from the same noise.
+teacher from the same noise. A first row judges each case's own world clip after the toy VAE's encode and decode:
+the ceiling any DiT is held to on this VAE.
 
     python bench/turbo.py --student runs/toy_turbo/lora.safetensors [--compare OTHER.safetensors ...]
         [--cases 24] [--seeds 3]
 
-`--compare` adds other students (e.g. another distillation recipe) to the table. Prints, for `--student`,
-`relative accuracy: <student ÷ teacher>` and, last, `ratio: <teacher wall ÷ student wall>`."""
+`--compare` adds other students (e.g. another distillation recipe) to the table. Prints the per-case paired
+difference student − teacher (and other − student), then, for `--student`, `relative accuracy: <student ÷ teacher>`
+with the 95 % interval of that ratio over cases (bootstrap, paired) and, last, `ratio: <teacher wall ÷ student
+wall>`."""
 
 import argparse
 import json
@@ -25,9 +28,9 @@ import numpy as np
 from refalign_core.inference.pipeline import RefAlignPipeline
 from refalign_core.inference.sampler import with_preset
 from refalign_core.models.lora import LoraSpec
-from refalign_core.toy.cases import held_out_cases, interval, judged
+from refalign_core.toy.cases import held_out_cases, interval, judged, ratio_interval
 from refalign_core.toy.demo import embedded_bundle
-from refalign_core.toy.judge import HEADS, WorldJudge
+from refalign_core.toy.judge import HEADS, WorldJudge, through_vae
 from refalign_core.toy.world import caption
 
 
@@ -37,6 +40,15 @@ def dit_evaluations(dit) -> list[int]:
     dit.register_forward_pre_hook(lambda module, args, kwargs: counts.__setitem__(0, counts[0] + args[0].shape[0]),
                                   with_kwargs=True)
     return counts
+
+
+METRICS = ("accuracy", "confusion", "attributes")
+
+
+def scored(judge, frames, subjects) -> dict[str, float]:
+    numbers = judged(judge(frames, subjects))
+    numbers["attributes"] = float(np.mean([numbers[f"attribute_{a}"] for a in HEADS]))
+    return {key: numbers[key] for key in METRICS}
 
 
 def run(pipe, settings, cases, seeds, judge, counts) -> dict:
@@ -54,12 +66,16 @@ def run(pipe, settings, cases, seeds, judge, counts) -> dict:
             denoising.append(marks["end"] - marks["start"])
             evaluations.append(counts[0] - before)
             latents.append(result.latents)
-            numbers = judged(judge(result.frames, case["subjects"]))
-            numbers["attributes"] = float(np.mean([numbers[f"attribute_{a}"] for a in HEADS]))
-            per_seed.append(numbers)
-        rows.append({k: statistics.mean(r[k] for r in per_seed) for k in ("accuracy", "confusion", "attributes")})
+            per_seed.append(scored(judge, result.frames, case["subjects"]))
+        rows.append({k: statistics.mean(r[k] for r in per_seed) for k in METRICS})
     return {"rows": rows, "wall_median": statistics.median(walls), "denoise_median": statistics.median(denoising),
             "evaluations": statistics.median(evaluations), "latents": latents}
+
+
+def paired(others: list[dict], base: list[dict]) -> str:
+    """Per-case differences (other − base) of every metric, with 95 % intervals."""
+    return ", ".join("{} {:+.3f} [{:+.3f}, {:+.3f}]".format(key, *interval([o[key] - b[key] for o, b in zip(others, base)]))
+                     for key in METRICS)
 
 
 def main(argv=None) -> int:
@@ -85,43 +101,42 @@ def main(argv=None) -> int:
         results[name] = run(pipe, turbo_settings, cases, args.seeds, judge, counts)
     pipe.set_loras(())
 
+    # the world's own clip of each case through the toy VAE: what a DiT with perfect latents could score
+    ceiling = [scored(judge, through_vae(pipe.vae, case["truth"]), case["subjects"]) for case in cases]
+
     teacher_latents = results["teacher"]["latents"]
     print(f"{args.cases} held-out cases × {args.seeds} seeds; teacher: {teacher_settings.steps} steps, three passes; "
           f"turbo: {turbo_settings.steps} steps, one pass\n")
     print("| config | DiT evaluations | denoising per video (median) | wall per video (median) | judge accuracy | "
           "confusion | attributes | latent RMSE to the teacher |\n|---|---|---|---|---|---|---|---|")
-    summary = {}
+    cell = lambda rows, key: "{:.3f} [{:.3f}, {:.3f}]".format(*interval([row[key] for row in rows]))  # noqa: E731
+    print("| world clip through the toy VAE (ceiling) | | | | " + " | ".join(cell(ceiling, k) for k in METRICS) + " | |")
+    summary = {"ceiling": {key: list(interval([row[key] for row in ceiling])) for key in METRICS}}
     for name, result in results.items():
-        cells = {}
-        for key in ("accuracy", "confusion", "attributes"):
-            cells[key] = interval([row[key] for row in result["rows"]])
         rmse = statistics.mean(float((a - b).pow(2).mean().sqrt()) for a, b in zip(result["latents"], teacher_latents))
-        summary[name] = {**{k: list(v) for k, v in cells.items()}, "evaluations": result["evaluations"],
-                         "wall_median": result["wall_median"], "denoise_median": result["denoise_median"],
-                         "rmse_to_teacher": rmse}
+        summary[name] = {**{k: list(interval([row[k] for row in result["rows"]])) for k in METRICS},
+                         "evaluations": result["evaluations"], "wall_median": result["wall_median"],
+                         "denoise_median": result["denoise_median"], "rmse_to_teacher": rmse}
         print(f"| {name} | {result['evaluations']:.0f} | {result['denoise_median']:.3f} s | "
-              f"{result['wall_median']:.3f} s | " + " | ".join(
-            f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in cells.values()) + f" | {rmse:.3f} |")
-    compared = [name for name in results if name.startswith("student: ")]
-    if compared:
-        print("\npaired difference per case to `student` (other − student) [95 % interval]:")
-        for name in compared:
-            print(f"- {name}: " + ", ".join(
-                "{} {:+.3f} [{:+.3f}, {:+.3f}]".format(key, *interval(
-                    [o[key] - s_[key] for o, s_ in zip(results[name]["rows"], results["student"]["rows"])]))
-                for key in ("accuracy", "confusion", "attributes")))
+              f"{result['wall_median']:.3f} s | " + " | ".join(cell(result["rows"], k) for k in METRICS) +
+              f" | {rmse:.3f} |")
+    teacher_rows, student_rows = results["teacher"]["rows"], results["student"]["rows"]
+    print("\npaired difference per case [95 % interval]:")
+    print(f"- student − teacher: {paired(student_rows, teacher_rows)}")
+    for name in (name for name in results if name.startswith("student: ")):
+        print(f"- {name} − student: {paired(results[name]['rows'], student_rows)}")
+    relative = {key: ratio_interval([row[key] for row in student_rows], [row[key] for row in teacher_rows])
+                for key in ("attributes", "accuracy")}
     teacher, student = summary["teacher"], summary["student"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cases": args.cases, "seeds": args.seeds, "student": args.student, "compare": args.compare,
-                       "results": summary}, f, indent=1)
-    ratio = lambda key: student[key][0] / teacher[key][0] if teacher[key][0] else float("nan")  # noqa: E731
-    print(f"\nrelative attribute accuracy: {ratio('attributes'):.3f}")
-    print(f"relative accuracy: {ratio('accuracy'):.3f}")
+                       "results": summary, "relative": relative}, f, indent=1)
+    print("\nrelative attribute accuracy: {:.3f} [{:.3f}, {:.3f}]".format(*relative["attributes"]))
+    print("relative accuracy: {:.3f} [{:.3f}, {:.3f}]".format(*relative["accuracy"]))
     print(f"denoising ratio: {teacher['denoise_median'] / student['denoise_median']:.2f}")
     print(f"ratio: {teacher['wall_median'] / student['wall_median']:.2f}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

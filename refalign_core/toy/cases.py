@@ -1,6 +1,6 @@
 """Held-out toy-world cases and how a generation on them is scored, shared by the evaluations that compare models or
-settings on them (`train/ablation_toy.py`, `bench/reference_strength.py`): the same cases, the same numbers from a
-world-judge verdict, the same interval."""
+settings on them (`train/ablation_toy.py`, `bench/reference_strength.py`, `bench/turbo.py`): the same cases, the
+same numbers from a world-judge verdict, the same intervals."""
 
 import numpy as np
 
@@ -40,3 +40,21 @@ def interval(values, seed: int = 0, resamples: int = 10_000) -> tuple[float, flo
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def ratio_interval(numerator, denominator, seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
+    """mean(numerator) ÷ mean(denominator) of paired per-case values, and its 95 % percentile-bootstrap interval
+    (the cases resampled together, so a case's two values stay paired). A resample whose denominator is 0 counts
+    as an infinite ratio (0 ÷ 0 is left out); nan everywhere when the denominator's own mean is 0."""
+    numerator, denominator = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if numerator.shape != denominator.shape:
+        raise ValueError(f"ratio_interval: {numerator.shape} values against {denominator.shape}; they must pair")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(numerator), (resamples, len(numerator)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = numerator[picks].mean(1) / denominator[picks].mean(1)
+        ratio = numerator.mean() / denominator.mean() if denominator.mean() else float("nan")
+    ratios = ratios[~np.isnan(ratios)]
+    if not len(ratios) or np.isnan(ratio):
+        return float("nan"), float("nan"), float("nan")
+    return float(ratio), float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
