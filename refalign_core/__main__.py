@@ -188,7 +188,8 @@ def _settings(args, bundle: Bundle | None) -> SamplingSettings:
     return base.replace(source="command line", **options)
 
 
-def _check_run_fits(args, dit, vae, text_encoder, settings: SamplingSettings, embeds: dict) -> None:
+def _check_run_fits(args, dit, vae, text_encoder, settings: SamplingSettings, extension: Extension,
+                    embeds: dict) -> None:
     """The given embeddings, the video within the DiT's RoPE positions and the run within free memory, from the DiT
     file's header alone: found before any weight is read or any tensor of the video's size is made."""
     config, parameters = read_dit_header(dit)
@@ -201,7 +202,8 @@ def _check_run_fits(args, dit, vae, text_encoder, settings: SamplingSettings, em
     others = sum(path.stat().st_size for path, _ in _files(vae, "") + _files(text_encoder, ""))
     parts = memory_estimate(settings, config, num_references, compute_dtype=DTYPES[args.compute_dtype],
                             weight_bytes=parameters * torch.finfo(weight_dtype).bits // 8 + others,
-                            decode=bool(args.out), device=args.device)
+                            decode=bool(args.out) or extension.segments > 1, device=args.device,
+                            segments=extension.segments, joined_frames=extension.total_frames(settings.num_frames))
     check_memory(settings, parts, num_references, args.device)
 
 
@@ -272,7 +274,7 @@ def cmd_generate(args) -> None:
     if args.out:
         video_rate(fps, args.out, extension.total_frames(settings.num_frames), "--fps")
     embeds = _given_tensors(args, settings, vae)
-    _check_run_fits(args, dit, vae, text_encoder, settings, embeds)
+    _check_run_fits(args, dit, vae, text_encoder, settings, extension, embeds)
     references = _references(args, (settings.width, settings.height))
     if references:
         prepare_references(references, settings.width, settings.height, MAX_REFERENCES)

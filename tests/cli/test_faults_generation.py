@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -262,6 +263,20 @@ def test_a_run_past_free_memory_is_refused_with_the_numbers(inputs, tmp_path, ca
                 "--out", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and "128x128x5" in err and "GB of host memory" in err and "0.0 GB is free" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_check_counts_the_joined_video_of_many_segments(inputs, tmp_path, capsys, monkeypatch):
+    """64 segments of 5 frames overlapping by 1 decode a 257-frame video: 0.15 GB more than one segment's."""
+    monkeypatch.setattr(memory_module, "available_memory", lambda device="cpu": 1)
+    monkeypatch.setattr(cli_module, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    needs = []
+    for segments in ("1", "64"):
+        assert cli(["generate", "--bundle", str(TOY), "--prompt", "a disc", "--ref", str(inputs / "ref.png"),
+                    "--segments", segments, "--overlap", "1", "--out", str(tmp_path / "v.mp4")]) == 2
+        err = capsys.readouterr().err
+        needs.append(float(re.search(r"needs at least ([0-9.]+) GB", err).group(1)))
+    assert needs[1] - needs[0] >= 0.1, needs
     assert list(tmp_path.iterdir()) == []
 
 
