@@ -177,6 +177,9 @@ class DistillConfig:
     # not sample), and distribution matching, which adds a second LoRA, the fake score, trained with the student
     regression_weight: float = field(default=1.0, metadata=NON_NEGATIVE)
     dmd_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # the fake score's updates per student update (DMD2's two time-scale rule: 5); on the other steps the fake score
+    # alone learns, from a student sample drawn without gradients
+    fake_score_updates: int = field(default=1, metadata=AT_LEAST_1)
 
     def teacher(self, shift: float) -> SamplingSettings:
         return SamplingSettings(steps=self.teacher_steps, shift=shift, image_scale=self.teacher_image_scale,
@@ -216,6 +219,9 @@ class TrainingConfig:
             if not (self.distill.regression_weight or self.distill.dmd_weight):
                 _fail(source, "distill.regression_weight", "distill.regression_weight and distill.dmd_weight are "
                                                            "both 0: give at least one a weight above 0")
+            if self.distill.fake_score_updates > 1 and not self.distill.dmd_weight:
+                _fail(source, "distill.fake_score_updates", "the fake score exists for distribution matching only: "
+                                                            "give distill.dmd_weight a weight above 0, or set 1")
             if self.train.mode != "lora":
                 _fail(source, "distill.enabled", "the student is LoRA adapters on the frozen teacher: set train.mode: "
                                                  "lora")

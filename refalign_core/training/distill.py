@@ -12,7 +12,10 @@ terms train it; `distill.regression_weight` and `distill.dmd_weight` weigh them:
   three-pass prediction x̂_real and the fake score's one-pass prediction x̂_fake of the clean video give the gradient
   g = (x̂_fake − x̂_real) / mean|x_s − x̂_real|, applied as L_dmd = ½‖x_s − sg(x_s − g)‖². The fake score (its own
   LoRA, starting as the teacher) learns the student's samples online by flow matching: L_fake = ‖v_fake(x'_t) −
-  (ε' − sg(x_s))‖². One backward updates both: the terms reach disjoint adapters.
+  (ε' − sg(x_s))‖². One backward updates both: the terms reach disjoint adapters. With
+  `distill.fake_score_updates` = k > 1 (DMD2's two time-scale rule), only every k-th step trains the student; on the
+  others the fake score alone learns, from a student sample drawn without gradients (no teacher runs), so it keeps
+  up with a student that moves.
 
 Regression alone is what trains in minutes on the toy's CPU budget; it is deterministic given the noise and
 optimises what the turbo bench measures, but it blurs where the student cannot follow the teacher. Distribution
@@ -74,51 +77,59 @@ class DistillationModule(nn.Module):
     """The DiT with LoRA adapters; `forward(batch)` returns the distillation loss (mean over the batch's clips).
     teacher: the teacher's sampling settings (steps, shift, scales, sampler); negative: the teacher's negative
     prompt embeddings `[1, L, text_dim]`; student_steps / student_shift: the preset's Euler schedule;
-    regression_weight / dmd_weight: the terms' weights (distribution matching needs the FAKE_SCORE adapter)."""
+    regression_weight / dmd_weight: the terms' weights (distribution matching needs the FAKE_SCORE adapter);
+    fake_score_updates: the fake score's steps per student step (the student learns on steps k−1, 2k−1, …)."""
 
     LOG_TERMS = ("regression", "dmd", "fake_score")
     PLOT_PANELS = (("regression",), ("dmd", "fake_score"))
 
     def __init__(self, dit: nn.Module, teacher: SamplingSettings, negative: torch.Tensor, student_steps: int,
-                 student_shift: float, regression_weight: float = 1.0, dmd_weight: float = 0.0):
+                 student_shift: float, regression_weight: float = 1.0, dmd_weight: float = 0.0,
+                 fake_score_updates: int = 1):
         super().__init__()
         self.dit, self.teacher = dit, teacher
         self.regression_weight, self.dmd_weight = regression_weight, dmd_weight
+        self.fake_score_updates = fake_score_updates
         self.register_buffer("negative", negative.float(), persistent=False)
         sigmas = make_scheduler("euler", student_steps, student_shift).sigmas.float()
         self.register_buffer("student_sigmas", sigmas, persistent=False)
 
+    def trains_student(self, step: int) -> bool:
+        return (step + 1) % self.fake_score_updates == 0
+
     def forward(self, batch: TrainingBatch) -> StepLosses:
         device = next(self.dit.parameters()).device
         terms = {name: [] for name in self.LOG_TERMS}
+        student_step = self.trains_student(batch.step)
+        weights = {"regression": self.regression_weight, "dmd": self.dmd_weight} if student_step else {}
         for i in range(len(batch.latents)):
             count = int(batch.reference_mask[i].sum())
             references = batch.references[i:i + 1, :, :count].to(device)
             text = batch.text[i:i + 1].to(device)
             seed = int(torch.randint(0, 2**62, (1,), generator=batch.generator))
             settings = clip_settings(self.teacher, batch.latents.shape, seed)
-            if self.regression_weight:
+            if weights.get("regression"):
                 with running_as(self.dit, None):
                     target = sample_r2v(self.dit, text, self.negative, references, settings)
             noise = initial_noise(settings.latent_shape(batch.latents.shape[1]), seed).to(device)
-            student = student_sample(self.dit, noise, text, references, self.student_sigmas.to(device)).float()
-            if self.regression_weight:
+            with torch.set_grad_enabled(student_step and torch.is_grad_enabled()):
+                student = student_sample(self.dit, noise, text, references, self.student_sigmas.to(device)).float()
+            if weights.get("regression"):
                 terms["regression"].append(F.mse_loss(student, target.to(device)))
+            if weights.get("dmd"):
+                terms["dmd"].append(self.distribution_matching(student, text, references, settings, batch.generator))
             if self.dmd_weight:
-                dmd, fake = self.distribution_matching(student, text, references, settings, batch.generator)
-                terms["dmd"].append(dmd)
-                terms["fake_score"].append(fake)
+                terms["fake_score"].append(self.fake_score_loss(student, text, references, settings, batch.generator))
         means = {name: torch.stack(values).mean() if values else None for name, values in terms.items()}
-        total = sum(w * means[name] for name, w in (("regression", self.regression_weight),
-                                                    ("dmd", self.dmd_weight)) if w)
+        total = sum(w * means[name] for name, w in weights.items() if w)
         if means["fake_score"] is not None:
             total = total + means["fake_score"]
         logged = {name: None if value is None else value.detach() for name, value in means.items()}
         return StepLosses(total, logged, self.student_sigmas[:1] * 1000)
 
     def distribution_matching(self, student: torch.Tensor, text: torch.Tensor, references: torch.Tensor,
-                              settings: SamplingSettings, generator: torch.Generator):
-        """(L_dmd, L_fake) for one clip's student sample `[1, C, T', h, w]` (with its graph)."""
+                              settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+        """L_dmd for one clip's student sample `[1, C, T', h, w]` (with its graph)."""
         noised = flow_matching_sample(student.detach(), generator, settings.shift, "uniform")
         sigma = noised.timesteps.view(-1, 1, 1, 1, 1) / 1000
         with torch.no_grad():
@@ -129,9 +140,12 @@ class DistillationModule(nn.Module):
                 fake_v = self.dit(noised.noisy, noised.timesteps, text, reference_latents=references).sample.float()
             real, fake = noised.noisy - sigma * real_v, noised.noisy - sigma * fake_v  # x̂_0 of each
             gradient = torch.nan_to_num((fake - real) / (student - real).abs().mean().clamp_min(1e-8))
-        loss_dmd = 0.5 * F.mse_loss(student, (student - gradient).detach())
-        # the fake score follows the student's samples: flow matching on them, another σ and noise
+        return 0.5 * F.mse_loss(student, (student - gradient).detach())
+
+    def fake_score_loss(self, student: torch.Tensor, text: torch.Tensor, references: torch.Tensor,
+                        settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+        """L_fake: the fake score follows the student's samples, flow matching on one (its own σ and noise)."""
         sample = flow_matching_sample(student.detach(), generator, settings.shift, "uniform")
         with running_as(self.dit, FAKE_SCORE):
             v = self.dit(sample.noisy, sample.timesteps, text, reference_latents=references).sample
-        return loss_dmd, F.mse_loss(v.float(), sample.target)
+        return F.mse_loss(v.float(), sample.target)

@@ -19,15 +19,18 @@ def make_accelerator(config: TrainingConfig):
     would otherwise run each process alone: no `cpu=True` gives DistributedType.NO) and a launch with FSDP gets FSDP
     (see `_fsdp_on_cpu`)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     on_cpu = not torch.accelerator.is_available()
     deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
     # a generous collective timeout: processes wait for each other while the feature cache is built
     group = InitProcessGroupKwargs(timeout=timedelta(hours=4), **({"backend": "gloo"} if on_cpu and deepspeed else {}))
+    # distillation's fake-score-only steps leave the student's adapters without gradients; DDP must expect that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.distill.enabled and
+                                        config.distill.fake_score_updates > 1)
     accelerator = Accelerator(cpu=on_cpu and not deepspeed, mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.grad_accum,
-                              step_scheduler_with_optimizer=False, kwargs_handlers=[group])
+                              step_scheduler_with_optimizer=False, kwargs_handlers=[group, ddp])
     if on_cpu and _env_flag("ACCELERATE_USE_FSDP") and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

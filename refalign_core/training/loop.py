@@ -177,8 +177,8 @@ def train(config: TrainingConfig, output_dir, resume: bool = False, cache_only: 
         for step in range(start, t.max_steps):
             began = time.perf_counter()
             for micro in range(t.grad_accum):
-                batch = make_batch(next(batches), generator=step_generator(config.seed, step,
-                                                                           accelerator.process_index, micro))
+                batch = make_batch(next(batches), step=step,
+                                   generator=step_generator(config.seed, step, accelerator.process_index, micro))
                 with accelerator.accumulate(module):
                     losses = module(batch)
                     accelerator.backward(losses.total)

@@ -148,7 +148,7 @@ def build_module(config: TrainingConfig, vfm_dim: int, vfm=None, negative: torch
         if config.memory.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
         return DistillationModule(dit, d.teacher(config.shift), negative, d.student_steps, config.shift,
-                                  d.regression_weight, d.dmd_weight)
+                                  d.regression_weight, d.dmd_weight, d.fake_score_updates)
     projectors = _projectors(config, dit, vfm_dim)
     _make_trainable(config, dit)
     if config.memory.gradient_checkpointing:

@@ -22,6 +22,7 @@ class TrainingBatch:
     images: torch.Tensor | None  # [B, K, 3, H, W] in [0, 1] for VFM-online training, else None
     keep_references: torch.Tensor  # [B] 1.0, or 0.0 where the references were dropped
     generator: torch.Generator  # this step's randomness (noise, timestep)
+    step: int = 0  # the optimizer step it trains (0-based)
 
     @property
     def num_references(self) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _pad_to(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 def make_training_batch(samples: list[dict], null_prompt: torch.Tensor, generator: torch.Generator,
                         text_dropout: float = 0.1, reference_dropout: float = 0.1, both_dropout: float = 0.1,
-                        text_length: int = TEXT_LENGTH) -> TrainingBatch:
+                        text_length: int = TEXT_LENGTH, step: int = 0) -> TrainingBatch:
     """Cached clips (one bucket) -> a batch. Per clip, CFG dropout as released: r < p_t → empty prompt; next p_r →
     references dropped (one all-zero latent frame, RA multiplied by 0); next p_b → both; otherwise both kept; and
     one augmented copy of its references. Prompts are zero-padded to `text_length` tokens, as at inference
@@ -69,6 +70,7 @@ def make_training_batch(samples: list[dict], null_prompt: torch.Tensor, generato
         images=torch.stack([_pad_to(i, most, 0) for i in images]) if images[0] is not None else None,
         keep_references=torch.tensor(keep),
         generator=generator,
+        step=step,
     )
 
 

@@ -3,6 +3,7 @@ base sampled with three-pass guidance and, with distribution matching, against a
 it trains is what the turbo preset samples; a run resumes bit-exactly and exports the student alone."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -87,12 +88,35 @@ def test_distribution_matching_trains_the_student_and_the_fake_score_each_on_its
     settings = TEACHER.replace(num_frames=5, height=32, width=48)
     text, refs = torch.randn(1, 5, TEXT), torch.randn(1, 16, 2, 4, 6)
     student = student_sample(dit, initial_noise(settings.latent_shape(), 0), text, refs, module.student_sigmas)
-    dmd, fake = module.distribution_matching(student, text, refs, settings, torch.Generator().manual_seed(0))
+    dmd = module.distribution_matching(student, text, refs, settings, torch.Generator().manual_seed(0))
+    fake = module.fake_score_loss(student, text, refs, settings, torch.Generator().manual_seed(1))
     names, params = zip(*[(n, p) for n, p in dit.named_parameters() if p.requires_grad])
     for loss, owner in ((dmd, STUDENT), (fake, FAKE_SCORE)):
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         moved = {n for n, g in zip(names, grads) if g is not None and g.abs().sum() > 0}
         assert moved and all(f".{owner}." in n for n in moved), owner
+
+
+def test_between_student_steps_the_fake_score_alone_learns(monkeypatch):
+    """fake_score_updates = 3: steps 0 and 1 train the fake score on a student sample without gradients, and the
+    teacher does not run; step 2 trains both, as every step does with 1."""
+    import refalign_core.training.distill as distill
+    dit = with_lora(tiny_dit().eval(), fake_score=True)
+    module = DistillationModule(dit, TEACHER, torch.zeros(1, 3, TEXT), student_steps=2, student_shift=3.0,
+                                regression_weight=1.0, dmd_weight=1.0, fake_score_updates=3)
+    trained = {}
+    for step in range(3):
+        with monkeypatch.context() as patch:
+            if step < 2:
+                patch.setattr(distill, "sample_r2v", lambda *a, **k: pytest.fail("the teacher sampled"))
+                patch.setattr(distill, "guided_velocity", lambda *a, **k: pytest.fail("the teacher ran"))
+            losses = module(dataclasses.replace(batch(), step=step))
+        dit.zero_grad(set_to_none=True)
+        losses.total.backward()
+        trained[step] = {n.split(".")[-2] for n, p in dit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert (losses.terms["regression"] is None) == (step < 2) and (losses.terms["dmd"] is None) == (step < 2)
+        assert losses.terms["fake_score"] > 0
+    assert trained[0] == trained[1] == {FAKE_SCORE} and trained[2] == {FAKE_SCORE, STUDENT}
 
 
 def test_the_dmd_gradient_is_zero_when_the_fake_score_is_the_teacher():
@@ -117,7 +141,8 @@ def test_previews_of_a_distillation_sample_as_the_turbo_preset():
 @pytest.mark.parametrize("section,match", [({"train": {"mode": "full"}}, "train.mode"),
                                            ({"alignment": {"enabled": True}}, "alignment"),
                                            ({"dropout": {"text": 0.1}}, "dropout"),
-                                           ({"distill": {"regression_weight": 0.0}}, "both 0")])
+                                           ({"distill": {"regression_weight": 0.0}}, "both 0"),
+                                           ({"distill": {"fake_score_updates": 5}}, "fake_score_updates")])
 def test_a_distillation_config_that_cannot_work_is_refused(tmp_path, section, match):
     values = {"train": {"mode": "lora"}, "alignment": {"enabled": False},
               "dropout": {"text": 0.0, "references": 0.0, "both": 0.0}, "distill": {"enabled": True}}
@@ -170,17 +195,18 @@ def test_a_killed_distillation_resumes_bit_exactly_and_exports_a_lora_the_core_l
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
 def test_distribution_matching_distils_on_two_processes(tmp_path, toy_data, launcher):
-    """The adapters switch inside the forward (teacher, student, fake score): under DDP and FSDP2 too."""
+    """The adapters switch inside the forward (teacher, student, fake score), and a fake-score-only step leaves the
+    student without gradients: under DDP and FSDP2 too."""
     launch = torchrun(29631) if launcher == "ddp" else accelerate_fsdp(29641)
     cfg = config(tmp_path, toy_data, train={"mode": "lora", "lora_rank": 4, "max_steps": 2, "checkpoint_every": 2,
                                             "batch_size": 1},
                  alignment={"enabled": False}, dropout={"text": 0.0, "references": 0.0, "both": 0.0},
                  distill={"enabled": True, "student_steps": 2, "teacher_steps": 2, "negative_prompt": "",
-                          "regression_weight": 0.0, "dmd_weight": 1.0})
+                          "regression_weight": 0.0, "dmd_weight": 1.0, "fake_score_updates": 2})
     result = run(["--config", cfg, "--output-dir", tmp_path / "run"], launcher=launch)
     assert f"{'FSDP' if launcher == 'fsdp' else 'MULTI_CPU'} on 2 processes" in result.stderr
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
-    assert len(rows) == 2 and all(float(r["dmd"]) > 0 and float(r["fake_score"]) > 0 and not r["regression"]
-                                  for r in rows)
+    assert len(rows) == 2 and all(float(r["fake_score"]) > 0 and not r["regression"] for r in rows)
+    assert not rows[0]["dmd"] and float(rows[1]["dmd"]) > 0  # step 1: the fake score alone; step 2: both
     with safe_open(tmp_path / "run" / "lora.safetensors", "pt") as f:
         assert f.keys() and not any(FAKE_SCORE in k for k in f.keys())
