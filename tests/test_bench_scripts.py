@@ -32,5 +32,7 @@ def test_turbo_bench_runs_the_student_and_the_teacher(capsys, tmp_path):
     assert "world clip through the toy VAE (ceiling)" in rows
     assert any(line.startswith("- student − teacher: accuracy ") for line in lines)
     assert any(line.startswith("relative accuracy: ") for line in lines)
+    free = next(line for line in lines if line.startswith("student's work besides denoising: "))
+    assert float(free.split()[-1]) > float(lines[-1].split()[-1])  # the wall ratio stays under its cap
     assert lines[-1].startswith("ratio: ") and float(lines[-1].split()[-1]) > 1
     assert (tmp_path / "turbo.json").is_file()
