@@ -202,8 +202,7 @@ def _check_run_fits(args, dit, vae, text_encoder, settings: SamplingSettings, ex
     others = sum(path.stat().st_size for path, _ in _files(vae, "") + _files(text_encoder, ""))
     parts = memory_estimate(settings, config, num_references, compute_dtype=DTYPES[args.compute_dtype],
                             weight_bytes=parameters * torch.finfo(weight_dtype).bits // 8 + others,
-                            decode=bool(args.out) or extension.segments > 1, device=args.device,
-                            segments=extension.segments, joined_frames=extension.total_frames(settings.num_frames))
+                            decode=bool(args.out), device=args.device, extension=extension)
     check_memory(settings, parts, num_references, args.device)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import RefAlignInputError
+from .extension import Extension
 from .sampler import SamplingSettings, guidance_weights
 
 GB = 1e9
@@ -61,12 +62,12 @@ def available_memory(device: str = "cpu") -> int | None:
 
 def memory_estimate(settings: SamplingSettings, dit_config, num_references: int, *, compute_dtype=torch.float32,
                     weight_bytes: int = 0, decode: bool = True, batch_passes: bool = True,
-                    device: str = "cpu", segments: int = 1, joined_frames: int | None = None) -> dict[str, tuple[int, str]]:
+                    device: str = "cpu", extension: Extension = Extension()) -> dict[str, tuple[int, str]]:
     """A lower bound of what a run holds, in bytes per part, each "device" or "host": the weights, the sampler's
     fp32 latents (noise, state, velocity and pass outputs; each segment's clip is kept), the largest DiT step (the
     FFN of one block over the video + reference tokens, batched over the guidance passes on the CPU, plus the
-    float64 RoPE tables) and the decoded video (the VAE's output and its float copies; `joined_frames`: the frames of
-    a video of several segments, `Extension.total_frames`). The step and the decode never overlap."""
+    float64 RoPE tables) and the decoded video (the VAE's output and its float copies; a video of several segments
+    is always decoded, and joined). The step and the decode never overlap."""
     on_cpu = torch.device(device).type == "cpu"
     width = torch.finfo(compute_dtype).bits // 8
     latent = settings.latent_shape(dit_config["in_channels"])
@@ -76,12 +77,12 @@ def memory_estimate(settings: SamplingSettings, dit_config, num_references: int,
     passes = sum(w != 0 for w in guidance_weights(settings.image_scale, settings.text_scale))
     batch = max(1, passes) if batch_passes and settings.cache == "none" and on_cpu else 1
     clip = 3 * settings.num_frames * settings.height * settings.width
-    video = 3 * (joined_frames or settings.num_frames) * settings.height * settings.width
+    video = 3 * extension.total_frames(settings.num_frames) * settings.height * settings.width
     parts = {"weights": (weight_bytes, "device"),
-             "latents": ((3 + segments) * 4 * int(np.prod(latent)), "host"),
+             "latents": ((3 + extension.segments) * 4 * int(np.prod(latent)), "host"),
              "largest DiT step": (batch * tokens * (2 * dim + 2 * dit_config["ffn_dim"]) * width
                                   + 2 * tokens * dit_config["attention_head_dim"] * 8, "device")}
-    if decode:
+    if decode or extension.segments > 1:
         parts["decoded video"] = (3 * video * 4, "host")
         if not on_cpu:
             parts["decoded video on the device"] = (2 * clip * width, "device")  # one segment at a time

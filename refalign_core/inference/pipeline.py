@@ -241,10 +241,8 @@ class RefAlignPipeline:
         weight = self.dit.patch_embedding.weight
         extension.check(settings)
         check_memory(settings, memory_estimate(settings, self.dit.config, count, compute_dtype=weight.dtype,
-                                               decode=(decode or extension.segments > 1) and self.vae is not None,
-                                               batch_passes=batch_passes, device=str(weight.device),
-                                               segments=extension.segments,
-                                               joined_frames=extension.total_frames(settings.num_frames)),
+                                               decode=decode and self.vae is not None, batch_passes=batch_passes,
+                                               device=str(weight.device), extension=extension),
                      count, str(weight.device))
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         codec = VAECodec(self.vae) if self.vae is not None else None
