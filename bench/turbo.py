@@ -111,18 +111,17 @@ def main(argv=None) -> int:
           f"turbo: {turbo_settings.steps} steps, one pass\n")
     print("| config | DiT evaluations | denoising per video (median) | wall per video (median) | judge accuracy | "
           "confusion | attributes | latent RMSE to the teacher |\n|---|---|---|---|---|---|---|---|")
-    cell = lambda rows, key: "{:.3f} [{:.3f}, {:.3f}]".format(*interval([row[key] for row in rows]))  # noqa: E731
-    print("| world clip through the toy VAE (ceiling) | | | | " + " | ".join(cell(ceiling, k) for k in METRICS) + " | |")
-    summary = {"ceiling": {key: list(interval([row[key] for row in ceiling])) for key in METRICS}}
+    intervals = lambda rows: {key: list(interval([row[key] for row in rows])) for key in METRICS}  # noqa: E731
+    cells = lambda numbers: " | ".join("{:.3f} [{:.3f}, {:.3f}]".format(*numbers[k]) for k in METRICS)  # noqa: E731
+    summary = {"ceiling": intervals(ceiling)}
+    print(f"| world clip through the toy VAE (ceiling) | | | | {cells(summary['ceiling'])} | |")
     for name, result in results.items():
         rmse = statistics.mean(float((a - b).pow(2).mean().sqrt()) for a, b in zip(result["latents"], teacher_latents))
-        summary[name] = {**{k: list(interval([row[k] for row in result["rows"]])) for k in METRICS},
-                         "evaluations": result["evaluations"], "wall_median": result["wall_median"],
-                         "denoise_median": result["denoise_median"], "other_median": result["other_median"],
-                         "rmse_to_teacher": rmse}
+        summary[name] = {**intervals(result["rows"]), "evaluations": result["evaluations"],
+                         "wall_median": result["wall_median"], "denoise_median": result["denoise_median"],
+                         "other_median": result["other_median"], "rmse_to_teacher": rmse}
         print(f"| {name} | {result['evaluations']:.0f} | {result['denoise_median']:.3f} s | "
-              f"{result['wall_median']:.3f} s | " + " | ".join(cell(result["rows"], k) for k in METRICS) +
-              f" | {rmse:.3f} |")
+              f"{result['wall_median']:.3f} s | {cells(summary[name])} | {rmse:.3f} |")
     teacher_rows, student_rows = results["teacher"]["rows"], results["student"]["rows"]
     print("\npaired difference per case [95 % interval]:")
     print(f"- student − teacher: {paired(student_rows, teacher_rows)}")
@@ -143,6 +142,7 @@ def main(argv=None) -> int:
           f"denoiser: {teacher['wall_median'] / student['other_median']:.2f}")
     print(f"ratio: {teacher['wall_median'] / student['wall_median']:.2f}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
